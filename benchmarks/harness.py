@@ -1,0 +1,111 @@
+"""Timing and reporting shared by the benchmarks: one Case per (op, shape, dtype), timed side by
+side with its peer in the same process, forward and forward+backward.
+
+CPU times come from torch.utils.benchmark (median of blocked runs); CUDA times from
+triton.testing.do_bench (median, after warm-up), or CUDA events when triton is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable, Sequence
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    shape: str                       # named after the model or adapter it comes from
+    dtype: torch.dtype
+    make_inputs: Callable[[torch.device], list[torch.Tensor]]
+    ours: Callable[..., torch.Tensor]
+    peer: Callable[..., torch.Tensor]
+    peer_name: str
+    bytes_forward: int               # bytes the forward must move at least (read inputs, write output)
+    bytes_backward: int              # likewise for the backward alone
+    flops_forward: float
+    flops_backward: float
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
+    if device.type == "cuda":
+        try:
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=25, rep=max(50, int(min_run_time * 1000))) / 1e3
+        except ImportError:
+            return _cuda_event_seconds(fn)
+    fn()  # warm-up
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _cuda_event_seconds(fn: Callable[[], object], reps: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _forward_and_backward(fn, inputs, grad):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*leaves).backward(grad)
+
+    return run
+
+
+def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
+    inputs = case.make_inputs(device)
+    with torch.no_grad():
+        grad = torch.randn_like(case.ours(*inputs))
+    row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
+           "device": str(device), "peer": case.peer_name}
+    for label, fn in (("ours", case.ours), ("peer", case.peer)):
+        with torch.no_grad():
+            row[f"{label}_fwd_s"] = median_seconds(lambda: fn(*inputs), device, min_run_time)
+        row[f"{label}_fwdbwd_s"] = median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time)
+    row["speedup_fwd"] = row["peer_fwd_s"] / row["ours_fwd_s"]
+    row["speedup_fwdbwd"] = row["peer_fwdbwd_s"] / row["ours_fwdbwd_s"]
+    total_bytes = case.bytes_forward + case.bytes_backward
+    row["ours_fwd_GBps"] = case.bytes_forward / row["ours_fwd_s"] / 1e9
+    row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_s"] / 1e9
+    row["ours_fwd_GFLOPs"] = case.flops_forward / row["ours_fwd_s"] / 1e9
+    row["ours_fwdbwd_GFLOPs"] = (case.flops_forward + case.flops_backward) / row["ours_fwdbwd_s"] / 1e9
+    return row
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    header = ["op", "shape", "dtype", "fwd ms", "peer fwd ms", "fwd x",
+              "fwd+bwd ms", "peer fwd+bwd ms", "fwd+bwd x", "GB/s", "GFLOP/s"]
+    lines = [[r["op"], r["shape"], r["dtype"],
+              f"{r['ours_fwd_s'] * 1e3:.3f}", f"{r['peer_fwd_s'] * 1e3:.3f}", f"{r['speedup_fwd']:.2f}",
+              f"{r['ours_fwdbwd_s'] * 1e3:.3f}", f"{r['peer_fwdbwd_s'] * 1e3:.3f}", f"{r['speedup_fwdbwd']:.2f}",
+              f"{r['ours_fwdbwd_GBps']:.1f}", f"{r['ours_fwdbwd_GFLOPs']:.1f}"] for r in rows]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [fmt(header), fmt(["-" * w for w in widths])]
+    out += [fmt(l) for l in lines]
+    if rows:
+        out.append(f"peer: {rows[0]['peer']}; x = peer time / shammie time; GB/s and GFLOP/s are shammie's "
+                   "fwd+bwd, from the minimum bytes moved and the useful flops.")
+    return "\n".join(out)
+
+
+def write_json(rows: Sequence[dict], path: str, meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": list(rows)}, f, indent=2)

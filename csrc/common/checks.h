@@ -1,0 +1,46 @@
+// Argument checks shared by every op's front end. Each error names the op, the argument and what
+// was expected, so that a user sees e.g. "blockdiag_butterfly_multiply: w1_bfly must be 3-D ...".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string_view>
+
+namespace shammie {
+
+struct Arg {
+  const at::Tensor& tensor;
+  const char* name;
+};
+
+inline void check_rank(const char* op, Arg a, int64_t rank, const char* layout) {
+  TORCH_CHECK_VALUE(a.tensor.dim() == rank, op, ": ", a.name, " must be ", rank, "-D ", layout,
+                    ", got a tensor of shape ", a.tensor.sizes());
+}
+
+inline void check_min_rank(const char* op, Arg a, int64_t rank, const char* layout) {
+  TORCH_CHECK_VALUE(a.tensor.dim() >= rank, op, ": ", a.name, " must have at least ", rank,
+                    " dimension(s) ", layout, ", got a tensor of shape ", a.tensor.sizes());
+}
+
+// float32, float16, bfloat16 and float64 (the last for gradcheck and numpy-born data).
+inline void check_floating(const char* op, Arg a) {
+  const auto t = a.tensor.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op,
+                   ": ", a.name, " must be float32, float16, bfloat16 or float64, got ", t);
+}
+
+inline void check_same_dtype(const char* op, Arg a, Arg b) {
+  TORCH_CHECK_TYPE(a.tensor.scalar_type() == b.tensor.scalar_type(), op, ": ", b.name,
+                   " must have the same dtype as ", a.name, " (", a.tensor.scalar_type(), "), got ",
+                   b.tensor.scalar_type());
+}
+
+inline void check_same_device(const char* op, Arg a, Arg b) {
+  TORCH_CHECK_VALUE(a.tensor.device() == b.tensor.device(), op, ": ", b.name,
+                    " must be on the same device as ", a.name, " (", a.tensor.device(), "), got ",
+                    b.tensor.device());
+}
+
+}  // namespace shammie

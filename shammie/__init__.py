@@ -1,0 +1,23 @@
+"""Shammie: hand-written C++/CUDA kernels for Monarch products, selective scans and Fréchet-mean
+search, registered as PyTorch custom ops (torch.ops.shammie.*)."""
+
+from shammie._loader import load_extension as _load_extension
+from shammie.version import __version__
+
+_C = _load_extension()
+
+from shammie.monarch import blockdiag_butterfly_multiply  # noqa: E402
+
+
+def build_info() -> dict:
+    """What the extension was built with, plus what runs now."""
+    import torch
+
+    info = dict(_C.build_info)
+    info["running_torch_version"] = torch.__version__
+    info["cpu_kernels"] = _C.cpu_isa()
+    info["cuda_available"] = torch.cuda.is_available()
+    return info
+
+
+__all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info"]
