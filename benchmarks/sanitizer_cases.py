@@ -1,0 +1,22 @@
+"""Small CUDA cases for compute-sanitizer (benchmarks/device_check.sh): every kernel of every op,
+including the partial-tile, global-scratch and odd-shape paths, forward and backward."""
+
+import torch
+
+import shammie
+
+cases = [
+    # (tokens, k, q, p, l, s, r)
+    (37, 3, 5, 7, 5, 9, 3),        # odd sizes, partial tile
+    (5, 4, 4, 64, 4, 64, 4),       # MoRe-like
+    (3, 2, 32, 33, 4, 17, 16),     # wide q, r
+    (2, 8, 1024, 4, 64, 16, 128),  # k·q = 8192 fp32 per token: u does not fit in shared memory
+]
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for tokens, k, q, p, l, s, r in cases:
+        x = torch.randn(tokens, k * p, device="cuda", dtype=dtype, requires_grad=True)
+        w1 = torch.randn(k, q, p, device="cuda", dtype=dtype, requires_grad=True)
+        w2 = torch.randn(l, s, r, device="cuda", dtype=dtype, requires_grad=True)
+        shammie.blockdiag_butterfly_multiply(x, w1, w2).sum().backward()
+torch.cuda.synchronize()
+print("sanitizer cases ran")

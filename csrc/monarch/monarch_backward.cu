@@ -1,0 +1,177 @@
+// CUDA backward of the Monarch product (math in monarch.h), on the current stream:
+//  1. data kernel, one block per tile of tokens: recompute u, then
+//       grad u[a·l + c] = Σ_m W2[c, m, a] · grad y[m·l + c]     (shuffle folded into indexing)
+//       grad x[i·p + j] = Σ_a W1[i, a, j] · grad u[i·q + a]
+//     with u and grad u in shared memory, and saved (fp32, tokens × k·q) for step 2;
+//  2. weight kernels: each (column, token split) thread sums its split's share, coalesced along
+//     x's and grad y's rows; the splits are then summed (deterministic, no atomics).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "monarch/monarch_cuda.cuh"
+
+namespace shammie::monarch::cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_data_kernel(Dims d, const scalar_t* __restrict__ x, int64_t x_row,
+                         const scalar_t* __restrict__ gy, int64_t gy_row,
+                         const scalar_t* __restrict__ w1, const scalar_t* __restrict__ w2,
+                         scalar_t* __restrict__ gx, int64_t gx_row, int64_t tile, int G_u,
+                         int G_gu, acc_t* __restrict__ u_saved, acc_t* __restrict__ gu_saved,
+                         bool on_chip) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const int64_t t0 = int64_t(blockIdx.x) * tile;
+  const int64_t tokens = std::min<int64_t>(tile, d.tokens - t0);
+  const int64_t mid = d.mid();
+  // Work in shared memory when it fits, else directly in the saved rows of this tile.
+  acc_t* u = on_chip ? reinterpret_cast<acc_t*>(shared_bytes) : u_saved + t0 * mid;
+  acc_t* gu = on_chip ? u + tile * mid : gu_saved + t0 * mid;
+
+  tile_u(d, x, x_row, w1, t0, tokens, G_u, u);
+  group_dots<acc_t>(
+      tokens, d.l, d.r, d.s, G_gu,
+      [&](int64_t t, int64_t c, int64_t m) {
+        return acc_t(gy[(t0 + t) * gy_row + y_index_of_v(c, m, d.l)]);
+      },
+      [&](int64_t c, int64_t a, int64_t m) { return acc_t(w2[(c * d.s + m) * d.r + a]); },
+      [&](int64_t t, int64_t c, int64_t a, acc_t v) { gu[t * mid + u_index_of_z(c, a, d.l)] = v; });
+  __syncthreads();
+
+  if (on_chip) {
+    for (int64_t e = threadIdx.x; e < tokens * mid; e += blockDim.x) {
+      u_saved[t0 * mid + e] = u[e];
+      gu_saved[t0 * mid + e] = gu[e];
+    }
+  }
+  const int64_t n = d.n();
+  for (int64_t e = threadIdx.x; e < tokens * n; e += blockDim.x) {
+    const int64_t t = e / n, col = e % n, i = col / d.p, j = col % d.p;
+    acc_t acc = 0;
+    for (int64_t a = 0; a < d.q; ++a) acc += acc_t(w1[(i * d.q + a) * d.p + j]) * gu[t * mid + i * d.q + a];
+    gx[(t0 + t) * gx_row + col] = scalar_t(acc);
+  }
+}
+
+// partial[split][i][a][j] = Σ_{t in split} grad u[t, i·q + a] · x[t, i·p + j]; thread per column
+// i·p + j, kChunk values of a per thread (grid.y), token split grid.z.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    grad_w1_kernel(Dims d, const scalar_t* __restrict__ x, int64_t x_row,
+                   const acc_t* __restrict__ gu, int64_t split_tokens, acc_t* __restrict__ partial) {
+  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= d.n()) return;
+  const int64_t i = col / d.p, j = col % d.p, a0 = int64_t(blockIdx.y) * kChunk;
+  const int n_a = int(std::min<int64_t>(kChunk, d.q - a0));
+  const int64_t t_begin = int64_t(blockIdx.z) * split_tokens;
+  const int64_t t_end = std::min(d.tokens, t_begin + split_tokens);
+  acc_t acc[kChunk];
+#pragma unroll
+  for (int a = 0; a < kChunk; ++a) acc[a] = acc_t(0);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const acc_t xv = acc_t(x[t * x_row + col]);
+    const acc_t* gu_t = gu + t * d.mid() + i * d.q + a0;
+#pragma unroll
+    for (int a = 0; a < kChunk; ++a)
+      if (a < n_a) acc[a] += gu_t[a] * xv;
+  }
+  acc_t* out = partial + int64_t(blockIdx.z) * d.k * d.q * d.p;
+#pragma unroll
+  for (int a = 0; a < kChunk; ++a)
+    if (a < n_a) out[(i * d.q + a0 + a) * d.p + j] = acc[a];
+}
+
+// partial[split][c][m][a] = Σ_{t in split} grad y[t, m·l + c] · u[t, a·l + c]; thread per
+// output column m·l + c, kChunk values of a per thread (grid.y), token split grid.z.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    grad_w2_kernel(Dims d, const scalar_t* __restrict__ gy, int64_t gy_row,
+                   const acc_t* __restrict__ u, int64_t split_tokens, acc_t* __restrict__ partial) {
+  const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= d.out()) return;
+  const int64_t c = o % d.l, m = o / d.l, a0 = int64_t(blockIdx.y) * kChunk;
+  const int n_a = int(std::min<int64_t>(kChunk, d.r - a0));
+  const int64_t t_begin = int64_t(blockIdx.z) * split_tokens;
+  const int64_t t_end = std::min(d.tokens, t_begin + split_tokens);
+  acc_t acc[kChunk];
+#pragma unroll
+  for (int a = 0; a < kChunk; ++a) acc[a] = acc_t(0);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const acc_t gv = acc_t(gy[t * gy_row + o]);
+    const acc_t* u_t = u + t * d.mid();
+#pragma unroll
+    for (int a = 0; a < kChunk; ++a)
+      if (a < n_a) acc[a] += u_t[u_index_of_z(c, a0 + a, d.l)] * gv;
+  }
+  acc_t* out = partial + int64_t(blockIdx.z) * d.l * d.s * d.r;
+#pragma unroll
+  for (int a = 0; a < kChunk; ++a)
+    if (a < n_a) out[(c * d.s + m) * d.r + a0 + a] = acc[a];
+}
+
+void backward_cuda(const BackwardArgs& args) {
+  const Dims d = args.dims;
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, args.x.get_device()));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(),
+                                  "blockdiag_butterfly_multiply_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = args.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const int64_t per_token = 2 * d.mid() * int64_t(sizeof(acc_t));
+    const int64_t tile = tile_tokens(d.tokens, sms, per_token);
+    const int64_t blocks = (d.tokens + tile - 1) / tile;
+    const bool on_chip = tile * per_token <= kSharedBytes;
+    at::Tensor u = at::empty({d.tokens, d.mid()}, acc_options);
+    at::Tensor gu = at::empty({d.tokens, d.mid()}, acc_options);
+    backward_data_kernel<scalar_t, acc_t><<<blocks, kThreads, on_chip ? tile * per_token : 0, stream>>>(
+        d, args.x.const_data_ptr<scalar_t>(), args.x.stride(0), args.grad_y.const_data_ptr<scalar_t>(),
+        args.grad_y.stride(0), args.w1.const_data_ptr<scalar_t>(), args.w2.const_data_ptr<scalar_t>(),
+        args.grad_x.mutable_data_ptr<scalar_t>(), args.grad_x.stride(0), tile, group_size(d.p),
+        group_size(d.s), u.mutable_data_ptr<acc_t>(), gu.mutable_data_ptr<acc_t>(), on_chip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    // Token splits: enough (column block × split) blocks to fill the device.
+    const int64_t col_blocks_w1 = (d.n() + kThreads - 1) / kThreads * ((d.q + kChunk - 1) / kChunk);
+    const int64_t col_blocks_w2 = (d.out() + kThreads - 1) / kThreads * ((d.r + kChunk - 1) / kChunk);
+    const int64_t want = 4 * int64_t(sms) / std::max<int64_t>(1, std::min(col_blocks_w1, col_blocks_w2));
+    const int64_t splits = std::clamp<int64_t>(want, 1, std::min<int64_t>(d.tokens, 65535));
+    const int64_t split_tokens = (d.tokens + splits - 1) / splits;
+
+    at::Tensor partial_w1 = at::empty({splits, d.k, d.q, d.p}, acc_options);
+    const dim3 grid_w1((d.n() + kThreads - 1) / kThreads, (d.q + kChunk - 1) / kChunk, splits);
+    grad_w1_kernel<scalar_t, acc_t><<<grid_w1, kThreads, 0, stream>>>(
+        d, args.x.const_data_ptr<scalar_t>(), args.x.stride(0), gu.const_data_ptr<acc_t>(),
+        split_tokens, partial_w1.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    at::Tensor partial_w2 = at::empty({splits, d.l, d.s, d.r}, acc_options);
+    const dim3 grid_w2((d.out() + kThreads - 1) / kThreads, (d.r + kChunk - 1) / kChunk, splits);
+    grad_w2_kernel<scalar_t, acc_t><<<grid_w2, kThreads, 0, stream>>>(
+        d, args.grad_y.const_data_ptr<scalar_t>(), args.grad_y.stride(0), u.const_data_ptr<acc_t>(),
+        split_tokens, partial_w2.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    args.grad_w1.copy_(at::sum(partial_w1, 0));
+    args.grad_w2.copy_(at::sum(partial_w2, 0));
+  });
+}
+
+}  // namespace
+}  // namespace shammie::monarch::cuda
+
+TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
+  m.impl("blockdiag_butterfly_multiply_backward",
+         [](const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
+           return shammie::monarch::backward(gy, x, w1, w2, shammie::monarch::cuda::backward_cuda);
+         });
+}

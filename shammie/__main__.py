@@ -1,0 +1,7 @@
+"""`python -m shammie ...` is the `shammie` command."""
+
+import sys
+
+from shammie.cli import main
+
+sys.exit(main())

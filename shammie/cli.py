@@ -1,0 +1,84 @@
+"""`shammie` command line: `shammie bench` (the benchmark table) and `shammie info` (build info)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import shammie
+    from shammie.benchmarks import registry
+    from shammie.benchmarks.harness import format_table, measure, write_json
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("shammie bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    ops = args.ops or registry.default_ops()
+    unknown = sorted(set(ops) - set(registry.OP_FAMILIES))
+    if unknown:
+        print(f"shammie bench: unknown op(s) {unknown}; known: {sorted(registry.OP_FAMILIES)}", file=sys.stderr)
+        return 2
+    dtypes = [getattr(torch, name) for name in args.dtype] if args.dtype else None
+    meta = {
+        "command": " ".join(["shammie"] + sys.argv[1:]),
+        "machine": _machine(device.type),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "shammie": shammie.build_info(),
+    }
+    print(f"# {meta['command']}\n# {meta['machine']}; torch {meta['torch']}; {meta['date']}", flush=True)
+    rows = []
+    for case in registry.cases(ops, device, dtypes):
+        rows.append(measure(case, device, args.min_run_time))
+        print(f"  measured {case.op} {case.shape} {str(case.dtype).replace('torch.', '')}", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, meta)
+    return 0
+
+
+def info(_args: argparse.Namespace) -> int:
+    import shammie
+
+    print(json.dumps(shammie.build_info(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shammie", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="time shammie's ops against their best peers")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--ops", nargs="+", help="op families to run (default: all)")
+    b.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU; bfloat16 and float32 on CUDA")
+    b.add_argument("--json", help="also write the rows and the machine's description to this file")
+    b.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement (CPU)")
+    b.set_defaults(run=bench)
+    i = sub.add_parser("info", help="print what shammie was built with")
+    i.set_defaults(run=info)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

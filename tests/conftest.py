@@ -1,0 +1,30 @@
+"""Shared test helpers: devices, dtypes, and tolerances tied to the reference's own error."""
+
+import pytest
+import torch
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Floor under the tolerance, relative to the output's scale: the kernel may not be worse than
+# twice the error of the same reference computed in the kernel's dtype, plus this.
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_matches_reference(out, ref64, ref_lowp, what="output"):
+    """out: kernel result; ref64: float64 reference; ref_lowp: the reference run in out's dtype."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == ref_lowp.dtype, f"{what}: dtype {out.dtype} != {ref_lowp.dtype}"
+    if ref64.numel() == 0:
+        return
+    scale = ref64.abs().max().item() or 1.0
+    kernel_err = (out.double().cpu() - ref64.cpu()).abs().max().item()
+    reference_err = (ref_lowp.double().cpu() - ref64.cpu()).abs().max().item()
+    bound = 2 * reference_err + FLOOR[out.dtype] * scale
+    assert kernel_err <= bound, (
+        f"{what} ({out.dtype}): max error {kernel_err:.3g} > bound {bound:.3g} "
+        f"(reference in {out.dtype} errs by {reference_err:.3g}, scale {scale:.3g})"
+    )
