@@ -5,6 +5,8 @@
 SHAMMIE_CUDA=0|1, TORCH_CUDA_ARCH_LIST, CMAKE_CUDA_ARCHITECTURES, MAX_JOBS (see CMakeLists.txt).
 """
 
+from __future__ import annotations
+
 import os
 import shutil
 import subprocess
@@ -22,19 +24,28 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _tool(name: str) -> str | None:
+    """A build tool from the running Python's environment first (pip's cmake 4.x, ninja), then PATH."""
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which(name)
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(os.environ.get("SHAMMIE_BUILD_DIR", ROOT / "build"))
         source_package = ROOT / "shammie"
-        cmake = shutil.which("cmake") or "cmake"
+        cmake = _tool("cmake") or "cmake"
+        ninja = _tool("ninja")
         configure = [
             cmake, "-S", str(ROOT), "-B", str(build_dir),
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DSHAMMIE_OUTPUT_DIR={source_package}",
         ]
-        if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
-            configure += ["-G", "Ninja"]
+        if ninja and not (build_dir / "CMakeCache.txt").exists():
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(configure, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)

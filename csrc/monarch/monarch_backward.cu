@@ -9,7 +9,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -60,68 +59,84 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// partial[split][i][a][j] = Σ_{t in split} grad u[t, i·q + a] · x[t, i·p + j]; thread per column
-// i·p + j, kChunk values of a per thread (grid.y), token split grid.z.
-template <typename scalar_t, typename acc_t>
+// Weight gradients as a reduction over tokens: for each output column `col`, kChunk values of a
+// (grid.y) and one token split (grid.z), partial[split] gets Σ_{t in split} coef(t, col, a) ·
+// value(t, col). Threads run along columns, so the loads of x or grad y are coalesced.
+template <typename acc_t, typename Terms>
 __global__ void __launch_bounds__(kThreads)
-    grad_w1_kernel(Dims d, const scalar_t* __restrict__ x, int64_t x_row,
-                   const acc_t* __restrict__ gu, int64_t split_tokens, acc_t* __restrict__ partial) {
+    weight_grad_kernel(Terms terms, int64_t columns, int64_t outs, int64_t tokens, int64_t split_tokens) {
   const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= d.n()) return;
-  const int64_t i = col / d.p, j = col % d.p, a0 = int64_t(blockIdx.y) * kChunk;
-  const int n_a = int(std::min<int64_t>(kChunk, d.q - a0));
+  if (col >= columns) return;
+  const int64_t a0 = int64_t(blockIdx.y) * kChunk;
+  const int n_a = int(std::min<int64_t>(kChunk, outs - a0));
   const int64_t t_begin = int64_t(blockIdx.z) * split_tokens;
-  const int64_t t_end = std::min(d.tokens, t_begin + split_tokens);
+  const int64_t t_end = std::min(tokens, t_begin + split_tokens);
   acc_t acc[kChunk];
 #pragma unroll
   for (int a = 0; a < kChunk; ++a) acc[a] = acc_t(0);
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const acc_t xv = acc_t(x[t * x_row + col]);
-    const acc_t* gu_t = gu + t * d.mid() + i * d.q + a0;
+    const acc_t v = terms.value(t, col);
 #pragma unroll
     for (int a = 0; a < kChunk; ++a)
-      if (a < n_a) acc[a] += gu_t[a] * xv;
+      if (a < n_a) acc[a] += terms.coef(t, col, a0 + a) * v;
   }
-  acc_t* out = partial + int64_t(blockIdx.z) * d.k * d.q * d.p;
 #pragma unroll
   for (int a = 0; a < kChunk; ++a)
-    if (a < n_a) out[(i * d.q + a0 + a) * d.p + j] = acc[a];
+    if (a < n_a) terms.store(blockIdx.z, col, a0 + a, acc[a]);
 }
 
-// partial[split][c][m][a] = Σ_{t in split} grad y[t, m·l + c] · u[t, a·l + c]; thread per
-// output column m·l + c, kChunk values of a per thread (grid.y), token split grid.z.
+// grad W1[i, a, j] = Σ_t grad u[t, i·q + a] · x[t, i·p + j]; columns are i·p + j.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    grad_w2_kernel(Dims d, const scalar_t* __restrict__ gy, int64_t gy_row,
-                   const acc_t* __restrict__ u, int64_t split_tokens, acc_t* __restrict__ partial) {
-  const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (o >= d.out()) return;
-  const int64_t c = o % d.l, m = o / d.l, a0 = int64_t(blockIdx.y) * kChunk;
-  const int n_a = int(std::min<int64_t>(kChunk, d.r - a0));
-  const int64_t t_begin = int64_t(blockIdx.z) * split_tokens;
-  const int64_t t_end = std::min(d.tokens, t_begin + split_tokens);
-  acc_t acc[kChunk];
-#pragma unroll
-  for (int a = 0; a < kChunk; ++a) acc[a] = acc_t(0);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const acc_t gv = acc_t(gy[t * gy_row + o]);
-    const acc_t* u_t = u + t * d.mid();
-#pragma unroll
-    for (int a = 0; a < kChunk; ++a)
-      if (a < n_a) acc[a] += u_t[u_index_of_z(c, a0 + a, d.l)] * gv;
+struct GradW1Terms {
+  Dims d;
+  const scalar_t* x;
+  int64_t x_row;
+  const acc_t* gu;
+  acc_t* partial;  // [split][k][q][p]
+  __device__ acc_t value(int64_t t, int64_t col) const { return acc_t(x[t * x_row + col]); }
+  __device__ acc_t coef(int64_t t, int64_t col, int64_t a) const {
+    return gu[t * d.mid() + (col / d.p) * d.q + a];
   }
-  acc_t* out = partial + int64_t(blockIdx.z) * d.l * d.s * d.r;
-#pragma unroll
-  for (int a = 0; a < kChunk; ++a)
-    if (a < n_a) out[(c * d.s + m) * d.r + a0 + a] = acc[a];
+  __device__ void store(int64_t split, int64_t col, int64_t a, acc_t v) const {
+    const int64_t i = col / d.p, j = col % d.p;
+    partial[split * d.k * d.q * d.p + (i * d.q + a) * d.p + j] = v;
+  }
+};
+
+// grad W2[c, m, a] = Σ_t grad y[t, m·l + c] · u[t, a·l + c]; columns are y's, m·l + c.
+template <typename scalar_t, typename acc_t>
+struct GradW2Terms {
+  Dims d;
+  const scalar_t* gy;
+  int64_t gy_row;
+  const acc_t* u;
+  acc_t* partial;  // [split][l][s][r]
+  __device__ acc_t value(int64_t t, int64_t col) const { return acc_t(gy[t * gy_row + col]); }
+  __device__ acc_t coef(int64_t t, int64_t col, int64_t a) const {
+    return u[t * d.mid() + u_index_of_z(col % d.l, a, d.l)];
+  }
+  __device__ void store(int64_t split, int64_t col, int64_t a, acc_t v) const {
+    const int64_t c = col % d.l, m = col / d.l;
+    partial[split * d.l * d.s * d.r + (c * d.s + m) * d.r + a] = v;
+  }
+};
+
+// Sums partial (splits × weight) over the splits into grad (the weight's dtype).
+template <typename acc_t, typename Terms>
+void launch_weight_grad(const Terms& terms, const at::Tensor& partial, int64_t columns,
+                        int64_t outs, int64_t tokens, int64_t split_tokens, const at::Tensor& grad,
+                        cudaStream_t stream) {
+  const dim3 grid((columns + kThreads - 1) / kThreads, (outs + kChunk - 1) / kChunk, partial.size(0));
+  weight_grad_kernel<acc_t><<<grid, kThreads, 0, stream>>>(terms, columns, outs, tokens, split_tokens);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  grad.copy_(at::sum(partial, 0));
 }
 
 void backward_cuda(const BackwardArgs& args) {
   const Dims d = args.dims;
   const c10::cuda::CUDAGuard guard(args.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, args.x.get_device()));
+  const int sms = multiprocessors(args.x.get_device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(),
                                   "blockdiag_butterfly_multiply_backward_cuda", [&] {
@@ -148,21 +163,15 @@ void backward_cuda(const BackwardArgs& args) {
     const int64_t split_tokens = (d.tokens + splits - 1) / splits;
 
     at::Tensor partial_w1 = at::empty({splits, d.k, d.q, d.p}, acc_options);
-    const dim3 grid_w1((d.n() + kThreads - 1) / kThreads, (d.q + kChunk - 1) / kChunk, splits);
-    grad_w1_kernel<scalar_t, acc_t><<<grid_w1, kThreads, 0, stream>>>(
-        d, args.x.const_data_ptr<scalar_t>(), args.x.stride(0), gu.const_data_ptr<acc_t>(),
-        split_tokens, partial_w1.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
+    launch_weight_grad<acc_t>(
+        GradW1Terms<scalar_t, acc_t>{d, args.x.const_data_ptr<scalar_t>(), args.x.stride(0),
+                                     gu.const_data_ptr<acc_t>(), partial_w1.mutable_data_ptr<acc_t>()},
+        partial_w1, d.n(), d.q, d.tokens, split_tokens, args.grad_w1, stream);
     at::Tensor partial_w2 = at::empty({splits, d.l, d.s, d.r}, acc_options);
-    const dim3 grid_w2((d.out() + kThreads - 1) / kThreads, (d.r + kChunk - 1) / kChunk, splits);
-    grad_w2_kernel<scalar_t, acc_t><<<grid_w2, kThreads, 0, stream>>>(
-        d, args.grad_y.const_data_ptr<scalar_t>(), args.grad_y.stride(0), u.const_data_ptr<acc_t>(),
-        split_tokens, partial_w2.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    args.grad_w1.copy_(at::sum(partial_w1, 0));
-    args.grad_w2.copy_(at::sum(partial_w2, 0));
+    launch_weight_grad<acc_t>(
+        GradW2Terms<scalar_t, acc_t>{d, args.grad_y.const_data_ptr<scalar_t>(), args.grad_y.stride(0),
+                                     u.const_data_ptr<acc_t>(), partial_w2.mutable_data_ptr<acc_t>()},
+        partial_w2, d.out(), d.r, d.tokens, split_tokens, args.grad_w2, stream);
   });
 }
 

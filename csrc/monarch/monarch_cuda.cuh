@@ -5,6 +5,7 @@
 // kChunk multiply-adds.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -75,6 +76,12 @@ __device__ __forceinline__ void tile_u(const Dims& d, const scalar_t* __restrict
       [&](int64_t t, int64_t i, int64_t j) { return acc_t(x[(t0 + t) * x_row + i * d.p + j]); },
       [&](int64_t i, int64_t a, int64_t j) { return acc_t(w1[(i * d.q + a) * d.p + j]); },
       [&](int64_t t, int64_t i, int64_t a, acc_t v) { u[t * d.mid() + i * d.q + a] = v; });
+}
+
+inline int multiprocessors(int device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
 }
 
 // Lanes per reduction group: about eight elements per lane, at least 4 lanes.

@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -45,8 +44,7 @@ void forward_cuda(const ForwardArgs& args) {
   const Dims d = args.dims;
   const c10::cuda::CUDAGuard guard(args.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, args.x.get_device()));
+  const int sms = multiprocessors(args.x.get_device());
   const at::Tensor w2p = args.w2.permute({2, 1, 0}).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(),
