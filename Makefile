@@ -21,5 +21,6 @@ build: $(VENV)/.shammie-deps
 
 $(VENV)/.shammie-deps:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q $(TORCH) numpy pybind11 cmake ninja pytest setuptools wheel
+	$(VENV)/bin/pip install -q $(TORCH) numpy pybind11 cmake ninja pytest setuptools wheel \
+		transformers peft safetensors tqdm
 	touch $@

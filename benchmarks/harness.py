@@ -28,6 +28,8 @@ class Case:
     bytes_backward: int              # likewise for the backward alone
     flops_forward: float
     flops_backward: float
+    baseline: Callable[..., torch.Tensor] | None = None   # e.g. the frozen base layer under an adapter
+    baseline_name: str = ""
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
@@ -75,7 +77,8 @@ def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
         grad = torch.randn_like(case.ours(*inputs))
     row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
            "device": str(device), "peer": case.peer_name}
-    for label, fn in (("ours", case.ours), ("peer", case.peer)):
+    timed = [("ours", case.ours), ("peer", case.peer)] + ([("base", case.baseline)] if case.baseline else [])
+    for label, fn in timed:
         with torch.no_grad():
             row[f"{label}_fwd_s"] = median_seconds(lambda: fn(*inputs), device, min_run_time)
         row[f"{label}_fwdbwd_s"] = median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time)
@@ -86,6 +89,10 @@ def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
     row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_s"] / 1e9
     row["ours_fwd_GFLOPs"] = case.flops_forward / row["ours_fwd_s"] / 1e9
     row["ours_fwdbwd_GFLOPs"] = (case.flops_forward + case.flops_backward) / row["ours_fwdbwd_s"] / 1e9
+    if case.baseline:
+        row["baseline"] = case.baseline_name
+        for label in ("ours", "peer"):
+            row[f"{label}_overhead_fwdbwd_s"] = row[f"{label}_fwdbwd_s"] - row["base_fwdbwd_s"]
     return row
 
 
@@ -100,9 +107,22 @@ def format_table(rows: Sequence[dict]) -> str:
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [fmt(header), fmt(["-" * w for w in widths])]
     out += [fmt(l) for l in lines]
+    for peer in dict.fromkeys(r["peer"] for r in rows):
+        out.append(f"peer: {peer}")
     if rows:
-        out.append(f"peer: {rows[0]['peer']}; x = peer time / shammie time; GB/s and GFLOP/s are shammie's "
-                   "fwd+bwd, from the minimum bytes moved and the useful flops.")
+        out.append("x = peer time / shammie time; GB/s and GFLOP/s are shammie's fwd+bwd, from the minimum "
+                   "bytes moved and the useful flops.")
+    with_base = [r for r in rows if "baseline" in r]
+    if with_base:
+        out.append("")
+        out.append("overhead over the base layer, fwd+bwd (layer time - base time, each a median of few runs; when the "
+                   "base takes seconds, as on CPU, the difference is within noise, and the adapter rows above measure "
+                   "the adapter's own work):")
+        for r in with_base:
+            base = r["base_fwdbwd_s"]
+            out.append(f"  {r['shape']} {r['dtype']}: base {base * 1e3:.2f} ms; shammie {r['ours_overhead_fwdbwd_s'] * 1e3:+.2f} ms "
+                       f"({100 * r['ours_overhead_fwdbwd_s'] / base:+.1f}%); peer {r['peer_overhead_fwdbwd_s'] * 1e3:+.2f} ms "
+                       f"({100 * r['peer_overhead_fwdbwd_s'] / base:+.1f}%)")
     return "\n".join(out)
 
 

@@ -6,6 +6,7 @@ import importlib
 
 OP_FAMILIES = {
     "monarch": "shammie.benchmarks.monarch",
+    "more": "shammie.benchmarks.more",
 }
 
 

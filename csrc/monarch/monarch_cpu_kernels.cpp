@@ -46,10 +46,15 @@ inline void dot_block(int64_t K, const acc_t* w, int64_t w_row, const acc_t* in,
       }
     }
   }
+  // Horizontal sums as a pairwise tree (vectorizable), not a serial chain of L adds.
+  for (int width = L / 2; width >= 1; width /= 2)
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u)
+#pragma omp simd
+        for (int v = 0; v < width; ++v) acc[r][u][v] += acc[r][u][v + width];
   for (int r = 0; r < R; ++r) {
     for (int u = 0; u < U; ++u) {
-      acc_t sum = 0;
-      for (int v = 0; v < L; ++v) sum += acc[r][u][v];
+      acc_t sum = acc[r][u][0];
       for (int64_t j = j0; j < K; ++j) sum += w[r * w_row + j] * in[u * in_row + j];
       out[r * out_o + u * out_t] = sum;
     }

@@ -1,0 +1,168 @@
+"""Model-level MoRe: inject adapters into any PyTorch / Hugging Face model, count, merge, save, load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from shammie.more.config import MoReConfig
+from shammie.more.layer import MoReLinear, base_features
+from shammie.version import __version__
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _adapters(model: torch.nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoReLinear)]
+
+
+def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply(model: torch.nn.Module, config: MoReConfig) -> torch.nn.Module:
+    """Wrap every nn.Linear / Conv1D whose name matches `config.target_modules` in a MoReLinear,
+    and freeze everything but the adapters, `modules_to_save` and (bias="all") the biases.
+    Returns the model (changed in place)."""
+    model._shammie_more_config = config
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoReLinear) or not name or not config.matches(name):
+            continue
+        if any(name.startswith(t + ".") for t in targets):   # inside a layer already wrapped
+            continue
+        try:
+            base_features(module)
+        except TypeError:
+            continue
+        targets.append(name)
+    if not targets and not _adapters(model):
+        candidates = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+        raise ValueError(f"MoRe: no nn.Linear or Conv1D module matches target_modules={config.target_modules!r}; "
+                         f"candidates include {candidates[:8]}")
+    for name in targets:
+        module = model.get_submodule(name)
+        try:
+            wrapped = MoReLinear(module, config.nblocks, config.blk_r, config.blk_sz, config.square, config.dropout)
+        except ValueError as error:
+            raise ValueError(f"{error} (module '{name}')") from None
+        _set_submodule(model, name, wrapped)
+
+    for name, param in model.named_parameters():
+        param.requires_grad_(_is_trainable(name, config))
+    return model
+
+
+def _is_trainable(param_name: str, config: MoReConfig) -> bool:
+    leaf = param_name.rpartition(".")[2]
+    if leaf in ("L", "R"):
+        return True
+    if config.bias == "all" and leaf == "bias":
+        return True
+    parts = param_name.split(".")
+    return any(".".join(parts[: i + 1]) == m or ".".join(parts[: i + 1]).endswith("." + m)
+               for m in config.modules_to_save for i in range(len(parts)))
+
+
+@dataclasses.dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+    adapter: int
+    lora_rank_equivalent: float   # the LoRA rank r with r·Σ(in + out) = adapter parameters
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f} "
+                f"|| MoRe adapter params: {self.adapter:,} (= LoRA rank {self.lora_rank_equivalent:.2f})")
+
+
+def trainable_parameters(model: torch.nn.Module) -> ParameterCount:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    adapters = _adapters(model)
+    adapter = sum(m.L.numel() + m.R.numel() for _, m in adapters)
+    widths = sum(m.in_features + m.out_features for _, m in adapters)
+    return ParameterCount(trainable, total, adapter, adapter / widths if widths else 0.0)
+
+
+def merge(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold each adapter's ΔW into its base weight (the adapters are then bypassed)."""
+    for _, m in _adapters(model):
+        m.merge()
+    return model
+
+
+def unmerge(model: torch.nn.Module) -> torch.nn.Module:
+    """Subtract the folded ΔW again: the base weights return up to floating-point rounding."""
+    for _, m in _adapters(model):
+        m.unmerge()
+    return model
+
+
+def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
+    """Merge, then put the base layers back in place of the wrappers: a plain model again."""
+    for name, m in _adapters(model):
+        m.merge()
+        _set_submodule(model, name, m.base_layer)
+    if hasattr(model, "_shammie_more_config"):
+        del model._shammie_more_config
+    return model
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    config = _config_of(model)
+    return {name: p.detach().contiguous() for name, p in model.named_parameters()
+            if _is_trainable(name, config)}
+
+
+def _config_of(model: torch.nn.Module) -> MoReConfig:
+    config = getattr(model, "_shammie_more_config", None)
+    if config is None:
+        raise ValueError("MoRe: this model has no MoRe adapters (call shammie.more.apply first)")
+    return config
+
+
+def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
+    """Write the adapter (and modules_to_save, trained biases) as safetensors plus its JSON config."""
+    from safetensors.torch import save_file
+
+    if any(m.merged for _, m in _adapters(model)):
+        raise ValueError("MoRe: unmerge the model before saving its adapter")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = _config_of(model)
+    text = json.loads(config.to_json())
+    text["shammie_version"] = __version__
+    (directory / CONFIG_NAME).write_text(json.dumps(text, indent=2))
+    save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME))
+
+
+def load_adapter(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
+    """Apply the saved config to a base model (if not applied yet) and load the saved weights."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = MoReConfig.from_json((directory / CONFIG_NAME).read_text())
+    if getattr(model, "_shammie_more_config", None) is None:
+        apply(model, config)
+    expected = adapter_state_dict(model)
+    saved = load_file(str(directory / WEIGHTS_NAME))
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"MoRe: adapter in {directory} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"MoRe: {name} has shape {tuple(value.shape)} in {directory}, the model expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    return model
