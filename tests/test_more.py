@@ -41,6 +41,13 @@ def test_injects_by_name_and_by_regex():
     assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)
 
 
+def test_applying_twice_never_wraps_a_wrapped_layer():
+    config = more.MoReConfig(target_modules=r".*c_attn.*")   # also matches ...c_attn.base_layer
+    model = more.apply(more.apply(tiny_gpt2(), config), config)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, more.MoReLinear)]
+    assert adapted == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
 def test_parameter_count_and_geometry():
     # Uneven sizes: in=10, out=7, nblocks=4 -> in_blksz=3, nblocks=ceil(10/3)=4, out_blksz=ceil(3·7/10)=3.
     layer = more.MoReLinear(torch.nn.Linear(10, 7), nblocks=4, blk_r=2)

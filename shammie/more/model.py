@@ -30,11 +30,12 @@ def apply(model: torch.nn.Module, config: MoReConfig) -> torch.nn.Module:
     and freeze everything but the adapters, `modules_to_save` and (bias="all") the biases.
     Returns the model (changed in place)."""
     model._shammie_more_config = config
+    wrapped = [name for name, _ in _adapters(model)]
     targets = []
     for name, module in model.named_modules():
         if isinstance(module, MoReLinear) or not name or not config.matches(name):
             continue
-        if any(name.startswith(t + ".") for t in targets):   # inside a layer already wrapped
+        if any(name.startswith(t + ".") for t in wrapped + targets):   # inside an adapted layer
             continue
         try:
             base_features(module)
