@@ -5,7 +5,13 @@ import torch
 
 import shammie
 
-OPS = ["blockdiag_butterfly_multiply", "blockdiag_butterfly_multiply_backward"]
+OPS = [
+    "blockdiag_butterfly_multiply",
+    "blockdiag_butterfly_multiply_backward",
+    "causal_conv1d",
+    "causal_conv1d_backward",
+    "causal_conv1d_update",
+]
 
 info = shammie.build_info()
 print(info)

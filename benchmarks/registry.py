@@ -7,6 +7,7 @@ import importlib
 OP_FAMILIES = {
     "monarch": "shammie.benchmarks.monarch",
     "more": "shammie.benchmarks.more",
+    "causal_conv1d": "shammie.benchmarks.causal_conv1d",
 }
 
 

@@ -18,5 +18,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         w1 = torch.randn(k, q, p, device="cuda", dtype=dtype, requires_grad=True)
         w2 = torch.randn(l, s, r, device="cuda", dtype=dtype, requires_grad=True)
         shammie.blockdiag_butterfly_multiply(x, w1, w2).sum().backward()
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for batch, dim, seqlen, width in ((2, 5, 1, 4), (1, 3, 129, 2), (2, 7, 37, 5)):
+        x = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+        w = torch.randn(dim, width, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(dim, device="cuda", dtype=dtype, requires_grad=True)
+        shammie.causal_conv1d_fn(x, w, b, "silu").sum().backward()
+        state = torch.randn(batch, dim, width + 1, device="cuda", dtype=dtype)
+        shammie.causal_conv1d_update(x[:, :, :2].detach(), state, w.detach(), None, None)
 torch.cuda.synchronize()
 print("sanitizer cases ran")

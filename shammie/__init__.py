@@ -6,6 +6,7 @@ from shammie.version import __version__
 
 _C = _load_extension()
 
+from shammie.causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: E402
 from shammie.monarch import blockdiag_butterfly_multiply  # noqa: E402
 
 
@@ -20,4 +21,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info"]
+__all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info", "causal_conv1d_fn", "causal_conv1d_update"]

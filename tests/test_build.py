@@ -24,6 +24,14 @@ def test_torch_mismatch_says_so_and_how_to_rebuild(monkeypatch):
 
 
 def test_ops_are_registered_under_torch_ops():
-    assert torch.ops.shammie.blockdiag_butterfly_multiply.default is not None
-    for key in ("CPU",) + (("CUDA",) if shammie.build_info()["cuda"] else ()):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("shammie::blockdiag_butterfly_multiply", key)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("check", Path(__file__).resolve().parents[1] / ".ci" / "check_cuda_kernels.py")
+    ops = spec.loader.get_source("check")   # the op list CI checks for CUDA kernels
+    names = [line.strip().strip('",') for line in ops.split("OPS = [")[1].split("]")[0].splitlines() if line.strip()]
+    assert "causal_conv1d" in names and "blockdiag_butterfly_multiply" in names
+    for name in names:
+        assert getattr(torch.ops.shammie, name).default is not None
+        for key in ("CPU",) + (("CUDA",) if shammie.build_info()["cuda"] else ()):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shammie::{name}", key), (name, key)

@@ -10,11 +10,7 @@
 #include <cstdint>
 #include <tuple>
 
-#if defined(__CUDACC__)
-#define SHAMMIE_HD __host__ __device__ __forceinline__
-#else
-#define SHAMMIE_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace shammie::monarch {
 

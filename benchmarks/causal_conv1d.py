@@ -1,0 +1,40 @@
+"""Causal conv1d cases on Mamba layer shapes, against the formulation HF transformers' Mamba uses
+(a depthwise nn.functional.conv1d with width − 1 padding, cut to length, then SiLU; on CPU this is
+oneDNN's depthwise convolution, on CUDA cuDNN's)."""
+
+from __future__ import annotations
+
+import torch
+
+import shammie
+from shammie.benchmarks.harness import Case
+from shammie.reference.causal_conv1d import causal_conv1d_reference
+
+# (name, batch, dim, seqlen, width): Mamba-130M's inner width is 1536, Mamba-1.4B's 4096.
+CPU_SHAPES = [("Mamba-130M", 2, 1536, 2048, 4)]
+CUDA_SHAPES = [("Mamba-130M", 8, 1536, 2048, 4), ("Mamba-1.4B", 8, 4096, 2048, 4)]
+
+
+def _case(name, batch, dim, seqlen, width, dtype) -> Case:
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def make_inputs(device):
+        g = torch.Generator().manual_seed(0)
+        tensors = (torch.randn(batch, dim, seqlen, generator=g), torch.randn(dim, width, generator=g) / width**0.5,
+                   torch.randn(dim, generator=g))
+        return [t.to(device=device, dtype=dtype) for t in tensors]
+
+    elements = batch * dim * seqlen
+    return Case(
+        op="causal_conv1d (silu)", shape=f"{name} B={batch} D={dim} L={seqlen} W={width}", dtype=dtype,
+        make_inputs=make_inputs, ours=lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, "silu"),
+        peer=lambda x, w, b: causal_conv1d_reference(x, w, b, "silu"),
+        peer_name="depthwise F.conv1d + SiLU, as HF transformers' Mamba slow path",
+        bytes_forward=size * 2 * elements, bytes_backward=size * 3 * elements,
+        flops_forward=2.0 * elements * width, flops_backward=4.0 * elements * width)
+
+
+def cases(device: torch.device, dtypes=None) -> list[Case]:
+    shapes = CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
+    dtypes = dtypes or ([torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32])
+    return [_case(*shape, dtype) for dtype in dtypes for shape in shapes]

@@ -1,0 +1,93 @@
+// Causal depthwise conv1d (the short convolution of Mamba blocks), causal-conv1d's contract:
+//   pre[b, d, t] = bias[d] + Σ_{w < W} weight[d, w] · x[b, d, t − (W − 1) + w]   (x = 0 before t = 0)
+//   out = silu(pre) if activation == "silu" else pre
+// and the decode step, which runs the same window over [conv_state, x] and shifts x into the state.
+// This header holds what the CPU and CUDA kernels share: the per-element math, the argument
+// structs and the front end.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "common/host_device.h"
+
+namespace shammie::conv1d {
+
+template <typename T>
+SHAMMIE_HD T exponential(T v) {
+#if defined(__CUDA_ARCH__)
+  return exp(v);
+#else
+  return std::exp(v);
+#endif
+}
+
+template <typename T>
+SHAMMIE_HD T sigmoid(T v) { return T(1) / (T(1) + exponential(-v)); }
+
+template <typename T>
+SHAMMIE_HD T activate(T pre, bool silu) { return silu ? pre * sigmoid(pre) : pre; }
+
+// d out / d pre.
+template <typename T>
+SHAMMIE_HD T activation_grad(T pre, bool silu) {
+  if (!silu) return T(1);
+  const T s = sigmoid(pre);
+  return s * (T(1) + pre * (T(1) - s));
+}
+
+// How far back tap w of a width-W window looks: x[t − lag(w)].
+SHAMMIE_HD int64_t lag(int64_t w, int64_t width) { return width - 1 - w; }
+
+// A (batch, dim, length) tensor's strides, so that channel-last and sliced inputs need no copy.
+struct Strides {
+  int64_t batch, dim, time;
+};
+
+struct ForwardArgs {
+  int64_t batch, dim, length, width;
+  bool silu;
+  at::Tensor x;                    // (batch, dim, length), any strides
+  at::Tensor weight;               // (dim, width), contiguous
+  std::optional<at::Tensor> bias;  // (dim,), contiguous
+  at::Tensor out;                  // like x, contiguous
+};
+
+struct BackwardArgs {
+  ForwardArgs forward;             // its `out` is unused
+  at::Tensor grad_out;             // (batch, dim, length), any strides
+  at::Tensor grad_x;               // contiguous
+  at::Tensor grad_weight;          // (dim, width)
+  at::Tensor grad_bias;            // (dim,)
+};
+
+struct UpdateArgs {
+  int64_t batch, dim, steps, width, state_len;
+  bool silu;
+  at::Tensor x;                    // (batch, dim, steps), any strides
+  at::Tensor conv_state;           // (batch, dim, state_len), updated in place; any strides
+  at::Tensor weight;
+  std::optional<at::Tensor> bias;
+  at::Tensor out;                  // (batch, dim, steps), contiguous
+};
+
+inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+using ForwardKernel = void (*)(const ForwardArgs&);
+using BackwardKernel = void (*)(const BackwardArgs&);
+using UpdateKernel = void (*)(const UpdateArgs&);
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   bool silu, ForwardKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias, bool silu,
+                                                        BackwardKernel kernel);
+at::Tensor update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, bool silu, UpdateKernel kernel);
+
+}  // namespace shammie::conv1d

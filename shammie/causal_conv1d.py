@@ -1,0 +1,93 @@
+"""Causal depthwise conv1d, causal-conv1d's contract: the public functions, fakes and autograd.
+
+out[b, d, t] = act(bias[d] + Σ_w weight[d, w] · x[b, d, t − (W − 1) + w]), x (batch, dim, seqlen),
+weight (dim, W), act = SiLU or identity. `causal_conv1d_update` is the decode step: the same window
+over [conv_state, x], with x shifted into conv_state in place. Kernels: csrc/causal_conv1d/.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _silu(activation: str | None) -> bool:
+    if activation in (None, "silu", "swish"):
+        return activation is not None
+    raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     activation: str | None = None) -> torch.Tensor:
+    """Causal depthwise conv1d of x (batch, dim, seqlen) with weight (dim, width) and bias (dim,).
+
+    Any width; float32, float16, bfloat16 or float64 (one dtype for all; math in float32, or float64);
+    x may be channel-last or sliced. Differentiable in x, weight and bias.
+    """
+    return torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation))
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """Decode step: x (batch, dim) or (batch, dim, seqlen); conv_state (batch, dim, state_len ≥ width − 1)
+    is updated in place to the last state_len inputs. Returns out, shaped like x."""
+    return torch.ops.shammie.causal_conv1d_update(x, conv_state, weight, bias, _silu(activation))
+
+
+def _check(op: str, x, weight, bias, batch_dims: int = 3) -> None:
+    """The checks of csrc/causal_conv1d/causal_conv1d.cpp, for fake tensors."""
+    if x.dim() != batch_dims:
+        layout = "(batch, dim, seqlen)" if batch_dims == 3 else "(batch, dim) or (batch, dim, seqlen)"
+        raise ValueError(f"{op}: x must be {batch_dims}-D {layout}, got a tensor of shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATING:
+        raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (dim, width), got a tensor of shape {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} must be on the same device as x ({x.device}), got {t.device}")
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: weight must have shape (dim, width) with dim = {x.shape[1]} (x's dimension 1), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (x.shape[1],):
+        raise ValueError(f"{op}: bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
+
+
+@torch.library.register_fake("shammie::causal_conv1d")
+def _(x, weight, bias, silu):
+    _check("causal_conv1d", x, weight, bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("shammie::causal_conv1d_backward")
+def _(grad_out, x, weight, bias, silu):
+    _check("causal_conv1d_backward", x, weight, bias)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0],)))
+
+
+@torch.library.register_fake("shammie::causal_conv1d_update")
+def _(x, conv_state, weight, bias, silu):
+    x3 = x.unsqueeze(-1) if x.dim() == 2 else x
+    _check("causal_conv1d_update", x3, weight, bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu = silu
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    gx, gw, gb = torch.ops.shammie.causal_conv1d_backward(grad_out, x, weight, bias, ctx.silu)
+    return gx, gw, gb if ctx.has_bias else None, None
+
+
+torch.library.register_autograd("shammie::causal_conv1d", _backward, setup_context=_setup_context)

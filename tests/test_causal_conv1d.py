@@ -1,0 +1,179 @@
+"""causal_conv1d_fn / causal_conv1d_update: against a float64 reference (HF's depthwise conv1d
+formulation), on both devices, every dtype, widths 1-5, odd lengths, channel-last and sliced inputs;
+gradcheck, opcheck, torch.compile, and bad input."""
+
+import pytest
+import torch
+
+import shammie
+from shammie.reference.causal_conv1d import causal_conv1d_reference, causal_conv1d_update_reference
+from conftest import DEVICES, DTYPES, assert_matches_reference
+
+# (batch, dim, seqlen, width)
+SHAPES = [(2, 5, 1, 4), (2, 5, 7, 1), (1, 3, 129, 2), (3, 8, 151, 3), (2, 16, 372, 4), (1, 4, 33, 5), (0, 4, 9, 4)]
+LAYOUTS = ["contiguous", "channel-last", "sliced"]
+
+
+def make(shape, dtype, device, layout="contiguous", bias=True, seed=0):
+    batch, dim, seqlen, width = shape
+    g = torch.Generator().manual_seed(seed)
+    if layout == "channel-last":
+        x = torch.randn(batch, seqlen, dim, generator=g, dtype=torch.float64).transpose(1, 2)
+    elif layout == "sliced":
+        x = torch.randn(batch, dim, seqlen + 5, generator=g, dtype=torch.float64)[..., 3 : 3 + seqlen]
+    else:
+        x = torch.randn(batch, dim, seqlen, generator=g, dtype=torch.float64)
+    w = torch.randn(dim, width, generator=g, dtype=torch.float64) / width**0.5
+    b = torch.randn(dim, generator=g, dtype=torch.float64) if bias else None
+    convert = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return convert(x), convert(w), convert(b)
+
+
+def reference_and_grads(inputs, grad, activation, compute_dtype, out_dtype):
+    """The reference computed in compute_dtype on the given inputs, results cast to out_dtype."""
+    leaves = [None if t is None else t.detach().cpu().to(compute_dtype).requires_grad_() for t in inputs]
+    out = causal_conv1d_reference(*leaves, activation=activation)
+    out.backward(grad.cpu().to(compute_dtype))
+    grads = [None if t is None else t.grad.to(out_dtype) for t in leaves]
+    return out.detach().to(out_dtype), grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_matches_reference(shape, dtype, device, activation):
+    for layout, bias in (("contiguous", True), ("channel-last", False), ("sliced", True)):
+        inputs = make(shape, dtype, device, layout, bias)
+        leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+        out = shammie.causal_conv1d_fn(*leaves, activation=activation)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        out.backward(grad.to(device=device, dtype=dtype))
+        ref64, grads64 = reference_and_grads(inputs, grad, activation, torch.float64, torch.float64)
+        # The best a dtype-in, float32-accumulate kernel can do: float32 math on the same inputs, rounded.
+        ref_low, grads_low = reference_and_grads(inputs, grad, activation, torch.float32 if dtype != torch.float64 else torch.float64, dtype)
+        assert_matches_reference(out.detach(), ref64, ref_low, f"out [{layout}]")
+        for name, leaf, g64, glow in zip(("x", "weight", "bias"), leaves, grads64, grads_low):
+            if leaf is not None:
+                assert_matches_reference(leaf.grad, g64, glow, f"grad {name} [{layout}]")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_every_cpu_instruction_set_copy(isa, monkeypatch):
+    monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)
+    x, w, b = make((2, 16, 151, 4), torch.float32, "cpu")
+    torch.testing.assert_close(shammie.causal_conv1d_fn(x, w, b, "silu"),
+                               causal_conv1d_reference(x.double(), w.double(), b.double(), "silu").float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("steps, state_len, width", [(1, 3, 4), (1, 7, 4), (5, 3, 4), (2, 1, 2), (3, 4, 1)])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_update_matches_reference_and_shifts_state(steps, state_len, width, dtype, device, activation):
+    g = torch.Generator().manual_seed(2)
+    batch, dim = 3, 6
+    x = torch.randn(batch, dim, steps, generator=g, dtype=torch.float64)
+    state = torch.randn(batch, dim, state_len, generator=g, dtype=torch.float64)
+    w = torch.randn(dim, width, generator=g, dtype=torch.float64)
+    b = torch.randn(dim, generator=g, dtype=torch.float64)
+    ref_out, ref_state = causal_conv1d_update_reference(x, state, w, b, activation)
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    state_dev = cast(state)
+    out = shammie.causal_conv1d_update(cast(x), state_dev, cast(w), cast(b), activation)
+    low_out, _ = causal_conv1d_update_reference(*(cast(t).cpu().float() if dtype != torch.float64 else t for t in (x, state, w, b)), activation)
+    assert_matches_reference(out, ref_out, low_out.to(dtype), "out")
+    torch.testing.assert_close(state_dev.cpu(), ref_state.to(dtype), rtol=0, atol=0)   # a pure shift: exact
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_with_2d_x_and_channel_last_state_equals_running_the_whole_sequence(device):
+    # Decoding token by token from a zero state reproduces the full causal conv.
+    batch, dim, seqlen, width = 2, 8, 9, 4
+    x, w, b = make((batch, dim, seqlen, width), torch.float64, device)
+    full = shammie.causal_conv1d_fn(x, w, b, "silu")
+    state = torch.zeros(batch, width - 1, dim, dtype=torch.float64, device=device).transpose(1, 2)  # channel-last
+    steps = [shammie.causal_conv1d_update(x[:, :, t], state, w, b, "silu") for t in range(seqlen)]
+    torch.testing.assert_close(torch.stack(steps, dim=-1), full)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    for width, activation, bias in ((4, "silu", True), (3, None, False), (1, "silu", True)):
+        x, w, b = make((2, 3, 11, width), torch.float64, device, "channel-last", bias)
+        inputs = [t.requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+        fn = lambda x, w, *b: shammie.causal_conv1d_fn(x, w, b[0] if b else None, activation)
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, w, b = make((2, 4, 13, 4), torch.float32, device)
+    for bias in (b, None):
+        for silu in (True, False):
+            torch.library.opcheck(torch.ops.shammie.causal_conv1d, (x, w, bias, silu))
+            torch.library.opcheck(torch.ops.shammie.causal_conv1d, (x.requires_grad_(), w.requires_grad_(), bias, silu))
+            x, w = x.detach(), w.detach()
+            torch.library.opcheck(torch.ops.shammie.causal_conv1d_backward, (torch.randn_like(x), x, w, bias, silu))
+    state = torch.randn(2, 4, 5, device=device)
+    torch.library.opcheck(torch.ops.shammie.causal_conv1d_update, (x[:, :, 0], state, w, b, True))
+    torch.library.opcheck(torch.ops.shammie.causal_conv1d_update, (x[:, :, :3], state, w, None, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    x, w, b = make((2, 4, 13, 4), torch.float32, device)
+    w.requires_grad_()
+
+    def block(x, w, b, state, token):
+        y = shammie.causal_conv1d_fn(x * 2, w, b, "silu")
+        step = shammie.causal_conv1d_update(token, state, w.detach(), b, "silu")
+        return y.sum(dim=-1) + step
+
+    compiled = torch.compile(block, fullgraph=True)
+    state_eager, state_compiled = torch.randn(2, 4, 3, device=device), None
+    state_compiled = state_eager.clone()
+    token = torch.randn(2, 4, device=device)
+    eager = block(x, w, b, state_eager, token)
+    (gw_eager,) = torch.autograd.grad(eager.sum(), w)
+    got = compiled(x, w, b, state_compiled, token)
+    (gw,) = torch.autograd.grad(got.sum(), w)
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(gw, gw_eager)
+    torch.testing.assert_close(state_compiled, state_eager)   # the in-place update happened once
+
+
+def _bad_cases():
+    x, w, b = make((2, 4, 9, 4), torch.float32, "cpu")
+    return {
+        "x rank": ((x[0], w, b), ValueError, "x must be 3-D"),
+        "weight rank": ((x, w[0], b), ValueError, "weight must be 2-D"),
+        "weight dim": ((x, w[:3], b), ValueError, r"weight must have shape \(dim, width\) with dim = 4"),
+        "bias shape": ((x, w, b[:2]), ValueError, r"bias must have shape \(4,\)"),
+        "mixed dtypes": ((x, w.double(), b), TypeError, "weight must have the same dtype as x"),
+        "integer dtype": ((x.long(), w.long(), b.long()), TypeError, "x must be float32, float16, bfloat16 or float64"),
+        "mixed devices": ((x, w.to("meta"), b), ValueError, "weight must be on the same device as x"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_is_a_clear_error(case):
+    args, error, message = _bad_cases()[case]
+    with pytest.raises(error, match=message):
+        shammie.causal_conv1d_fn(*args, activation="silu")
+    if case != "mixed devices":
+        with pytest.raises(error, match=message):   # the fake says the same under torch.compile
+            shammie.causal_conv1d_fn(*[a.to("meta") for a in args], activation="silu")
+
+
+def test_bad_activation_and_update_state():
+    x, w, b = make((2, 4, 9, 4), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="activation must be None, 'silu' or 'swish'"):
+        shammie.causal_conv1d_fn(x, w, b, activation="relu")
+    with pytest.raises(ValueError, match=r"state_len \(2\) must be at least width - 1 = 3"):
+        shammie.causal_conv1d_update(x[:, :, 0], torch.zeros(2, 4, 2), w, b)
+    with pytest.raises(ValueError, match=r"conv_state must be \(batch, dim, state_len\)"):
+        shammie.causal_conv1d_update(x[:, :, 0], torch.zeros(2, 5, 3), w, b)
+    with pytest.raises(TypeError, match="conv_state must have the same dtype as x"):
+        shammie.causal_conv1d_update(x[:, :, 0], torch.zeros(2, 4, 3, dtype=torch.float64), w, b)
