@@ -89,7 +89,9 @@ function(shammie_add_cpu_kernels target sources)
     if(target_${isa})
       target_compile_definitions(${obj} PRIVATE SHAMMIE_CPU_ISA_TARGET="${target_${isa}}")
     endif()
-    target_compile_options(${obj} PRIVATE -O3 -fopenmp-simd)
+    # -fno-trapping-math -fno-math-errno (as torch builds): no results change, but compares
+    # if-convert into vector selects (common/fast_math.h) and math calls need not set errno.
+    target_compile_options(${obj} PRIVATE -O3 -fopenmp-simd -fno-trapping-math -fno-math-errno)
     shammie_torch_target(${obj})
     target_compile_options(${obj} PRIVATE ${OpenMP_CXX_FLAGS})
     target_sources(${target} PRIVATE $<TARGET_OBJECTS:${obj}>)

@@ -13,21 +13,13 @@
 #include <optional>
 #include <tuple>
 
+#include "common/fast_math.h"
 #include "common/host_device.h"
 
 namespace shammie::conv1d {
 
 template <typename T>
-SHAMMIE_HD T exponential(T v) {
-#if defined(__CUDA_ARCH__)
-  return exp(v);
-#else
-  return std::exp(v);
-#endif
-}
-
-template <typename T>
-SHAMMIE_HD T sigmoid(T v) { return T(1) / (T(1) + exponential(-v)); }
+SHAMMIE_HD T sigmoid(T v) { return T(1) / (T(1) + vexp(-v)); }
 
 template <typename T>
 SHAMMIE_HD T activate(T pre, bool silu) { return silu ? pre * sigmoid(pre) : pre; }
