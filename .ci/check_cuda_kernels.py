@@ -11,6 +11,7 @@ OPS = [
     "causal_conv1d",
     "causal_conv1d_backward",
     "causal_conv1d_update",
+    "selective_state_update",
 ]
 
 info = shammie.build_info()

@@ -30,6 +30,7 @@ class Case:
     flops_backward: float
     baseline: Callable[..., torch.Tensor] | None = None   # e.g. the frozen base layer under an adapter
     baseline_name: str = ""
+    backward: bool = True                                  # False for ops without autograd (decode steps)
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
@@ -74,16 +75,22 @@ def _forward_and_backward(fn, inputs, grad):
 def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
     inputs = case.make_inputs(device)
     with torch.no_grad():
-        grad = torch.randn_like(case.ours(*inputs))
+        grad = torch.randn_like(case.ours(*inputs)) if case.backward else None
     row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
            "device": str(device), "peer": case.peer_name}
     timed = [("ours", case.ours), ("peer", case.peer)] + ([("base", case.baseline)] if case.baseline else [])
     for label, fn in timed:
         with torch.no_grad():
             row[f"{label}_fwd_s"] = median_seconds(lambda: fn(*inputs), device, min_run_time)
-        row[f"{label}_fwdbwd_s"] = median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time)
+        row[f"{label}_fwdbwd_s"] = (median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time)
+                                    if case.backward else float("nan"))
     row["speedup_fwd"] = row["peer_fwd_s"] / row["ours_fwd_s"]
     row["speedup_fwdbwd"] = row["peer_fwdbwd_s"] / row["ours_fwdbwd_s"]
+    if not case.backward:   # rates from the forward alone
+        row["ours_fwd_GBps"] = case.bytes_forward / row["ours_fwd_s"] / 1e9
+        row["ours_fwdbwd_GBps"] = row["ours_fwd_GBps"]
+        row["ours_fwdbwd_GFLOPs"] = case.flops_forward / row["ours_fwd_s"] / 1e9
+        return row
     total_bytes = case.bytes_forward + case.bytes_backward
     row["ours_fwd_GBps"] = case.bytes_forward / row["ours_fwd_s"] / 1e9
     row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_s"] / 1e9
@@ -99,10 +106,11 @@ def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
 def format_table(rows: Sequence[dict]) -> str:
     header = ["op", "shape", "dtype", "fwd ms", "peer fwd ms", "fwd x",
               "fwd+bwd ms", "peer fwd+bwd ms", "fwd+bwd x", "GB/s", "GFLOP/s"]
+    num = lambda v, scale=1.0, fmt=".3f": "-" if v != v else f"{v * scale:{fmt}}"   # NaN: not measured
     lines = [[r["op"], r["shape"], r["dtype"],
-              f"{r['ours_fwd_s'] * 1e3:.3f}", f"{r['peer_fwd_s'] * 1e3:.3f}", f"{r['speedup_fwd']:.2f}",
-              f"{r['ours_fwdbwd_s'] * 1e3:.3f}", f"{r['peer_fwdbwd_s'] * 1e3:.3f}", f"{r['speedup_fwdbwd']:.2f}",
-              f"{r['ours_fwdbwd_GBps']:.1f}", f"{r['ours_fwdbwd_GFLOPs']:.1f}"] for r in rows]
+              num(r["ours_fwd_s"], 1e3), num(r["peer_fwd_s"], 1e3), num(r["speedup_fwd"], fmt=".2f"),
+              num(r["ours_fwdbwd_s"], 1e3), num(r["peer_fwdbwd_s"], 1e3), num(r["speedup_fwdbwd"], fmt=".2f"),
+              num(r["ours_fwdbwd_GBps"], fmt=".1f"), num(r["ours_fwdbwd_GFLOPs"], fmt=".1f")] for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [fmt(header), fmt(["-" * w for w in widths])]
@@ -110,8 +118,8 @@ def format_table(rows: Sequence[dict]) -> str:
     for peer in dict.fromkeys(r["peer"] for r in rows):
         out.append(f"peer: {peer}")
     if rows:
-        out.append("x = peer time / shammie time; GB/s and GFLOP/s are shammie's fwd+bwd, from the minimum "
-                   "bytes moved and the useful flops.")
+        out.append("x = peer time / shammie time; GB/s and GFLOP/s are shammie's fwd+bwd (fwd for ops without "
+                   "a backward), from the minimum bytes moved and the useful flops.")
     with_base = [r for r in rows if "baseline" in r]
     if with_base:
         out.append("")

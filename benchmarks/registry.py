@@ -8,6 +8,7 @@ OP_FAMILIES = {
     "monarch": "shammie.benchmarks.monarch",
     "more": "shammie.benchmarks.more",
     "causal_conv1d": "shammie.benchmarks.causal_conv1d",
+    "selective_scan": "shammie.benchmarks.selective_scan",
 }
 
 

@@ -26,5 +26,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         shammie.causal_conv1d_fn(x, w, b, "silu").sum().backward()
         state = torch.randn(batch, dim, width + 1, device="cuda", dtype=dtype)
         shammie.causal_conv1d_update(x[:, :, :2].detach(), state, w.detach(), None, None)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for lead, chan, bc, N in (((3, 7), (7,), (3, 16), 16), ((2, 4, 5), (4, 5), (2, 2, 64), 64)):
+        state = torch.randn(*lead, N, device="cuda", dtype=dtype)
+        x, dt, z = (torch.randn(*lead, device="cuda", dtype=dtype) for _ in range(3))
+        B, C = (torch.randn(*bc, device="cuda", dtype=dtype) for _ in range(2))
+        A = -torch.rand(*chan, N, device="cuda")
+        shammie.selective_state_update(state, x, dt, A, B, C, torch.randn(*chan, device="cuda"), z,
+                                       torch.randn(*chan, device="cuda"), dt_softplus=True)
 torch.cuda.synchronize()
 print("sanitizer cases ran")

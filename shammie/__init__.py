@@ -8,6 +8,7 @@ _C = _load_extension()
 
 from shammie.causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: E402
 from shammie.monarch import blockdiag_butterfly_multiply  # noqa: E402
+from shammie.selective_scan import selective_state_update  # noqa: E402
 
 
 def build_info() -> dict:
@@ -21,4 +22,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info", "causal_conv1d_fn", "causal_conv1d_update"]
+__all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
+           "selective_state_update"]

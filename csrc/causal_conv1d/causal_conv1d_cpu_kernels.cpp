@@ -99,6 +99,7 @@ void backward_typed(const BackwardArgs& args) {
       stage_row(gy + b * gs.batch + d * gs.dim, gs.time, L, 0, g.data());
       window(xp.data(), wd, W, params.bias[d], L, pre.data());
       acc_t gb = 0;
+#pragma omp simd reduction(+ : gb)
       for (int64_t t = 0; t < L; ++t) {
         gp[t] = g[t] * activation_grad(pre[t], a.silu);
         gb += gp[t];

@@ -1,0 +1,85 @@
+// CUDA kernel of selective_state_update (math in ssm_math.h), on the current stream: one thread per
+// channel (batch, head, dim), looping over its N states; the state is updated in place.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "selective_scan/selective_state_update.h"
+#include "selective_scan/ssm_math.h"
+
+namespace shammie::ssm::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+struct StateStrides {
+  int64_t b, h, p, n;
+};
+
+template <typename scalar_t, typename state_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    state_update_kernel(state_t* state, StateStrides ss, const scalar_t* __restrict__ x,
+                        const scalar_t* __restrict__ dt, const scalar_t* __restrict__ z, const acc_t* __restrict__ A,
+                        const scalar_t* __restrict__ B, const scalar_t* __restrict__ C, const acc_t* __restrict__ D,
+                        const acc_t* __restrict__ dt_bias, scalar_t* __restrict__ out, int64_t batch, int64_t heads,
+                        int64_t dim, int64_t dstate, int64_t groups, bool softplus) {
+  const int64_t rows = batch * heads * dim, heads_per_group = heads / groups;
+  for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows; row += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t p = row % dim, h = (row / dim) % heads, b = row / (dim * heads), g = h / heads_per_group;
+    const int64_t channel = h * dim + p;
+    const acc_t xv = acc_t(x[row]);
+    const acc_t step = step_size(acc_t(dt[row]), dt_bias[channel], softplus);
+    const acc_t* a_row = A + channel * dstate;
+    const scalar_t* b_row = B + (b * groups + g) * dstate;
+    const scalar_t* c_row = C + (b * groups + g) * dstate;
+    state_t* s = state + b * ss.b + h * ss.h + p * ss.p;
+    acc_t y = 0;
+    for (int64_t n = 0; n < dstate; ++n) {
+      const acc_t hn = state_step(acc_t(s[n * ss.n]), step, a_row[n], acc_t(b_row[n]), xv);
+      s[n * ss.n] = state_t(hn);
+      y += hn * acc_t(c_row[n]);
+    }
+    y += D[channel] * xv;
+    out[row] = scalar_t(z ? gate(y, acc_t(z[row])) : y);
+  }
+}
+
+void state_update_cuda(const StateUpdateArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = a.batch * a.heads * a.dim;
+  const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>((rows + kThreads - 1) / kThreads, 1, int64_t(1) << 20));
+  const StateStrides ss{a.state.stride(0), a.state.stride(1), a.state.stride(2), a.state.stride(3)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "selective_state_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto launch = [&](auto* state) {
+      using state_t = std::remove_pointer_t<decltype(state)>;
+      state_update_kernel<scalar_t, state_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          state, ss, a.x.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<scalar_t>(),
+          a.z ? a.z->const_data_ptr<scalar_t>() : nullptr, a.A.const_data_ptr<acc_t>(), a.B.const_data_ptr<scalar_t>(),
+          a.C.const_data_ptr<scalar_t>(), a.D.const_data_ptr<acc_t>(), a.dt_bias.const_data_ptr<acc_t>(),
+          a.out.mutable_data_ptr<scalar_t>(), a.batch, a.heads, a.dim, a.dstate, a.groups, a.softplus);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (a.state.scalar_type() == a.x.scalar_type()) launch(a.state.mutable_data_ptr<scalar_t>());
+    else launch(a.state.mutable_data_ptr<float>());
+  });
+}
+
+}  // namespace
+}  // namespace shammie::ssm::cuda
+
+TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
+  m.impl("selective_state_update",
+         [](const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+            const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+            const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
+           return shammie::ssm::selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                                      shammie::ssm::cuda::state_update_cuda);
+         });
+}
