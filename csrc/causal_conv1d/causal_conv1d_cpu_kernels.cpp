@@ -71,7 +71,12 @@ void forward_typed(const ForwardArgs& a) {
       stage_row(x + b * xs.batch + d * xs.dim, xs.time, L, W - 1, xp.data());
       window(xp.data(), params.weight.data() + d * W, W, params.bias[d], L, pre.data());
       scalar_t* o = out + row * L;
-      for (int64_t t = 0; t < L; ++t) o[t] = static_cast<scalar_t>(activate(pre[t], a.silu));
+      if (a.silu) {
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) o[t] = static_cast<scalar_t>(activate(pre[t], true));
+      } else {
+        for (int64_t t = 0; t < L; ++t) o[t] = static_cast<scalar_t>(pre[t]);
+      }
     }
   });
 }
@@ -98,12 +103,16 @@ void backward_typed(const BackwardArgs& args) {
       stage_row(x + b * xs.batch + d * xs.dim, xs.time, L, W - 1, xp.data());
       stage_row(gy + b * gs.batch + d * gs.dim, gs.time, L, 0, g.data());
       window(xp.data(), wd, W, params.bias[d], L, pre.data());
+      // Two plain loops (the activation branch hoisted, the sum apart) so that both vectorize.
+      if (a.silu) {
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) gp[t] = g[t] * activation_grad(pre[t], true);
+      } else {
+        std::copy(g.begin(), g.end(), gp.begin());
+      }
       acc_t gb = 0;
 #pragma omp simd reduction(+ : gb)
-      for (int64_t t = 0; t < L; ++t) {
-        gp[t] = g[t] * activation_grad(pre[t], a.silu);
-        gb += gp[t];
-      }
+      for (int64_t t = 0; t < L; ++t) gb += gp[t];
       gb_rows[row] = gb;
       for (int64_t w = 0; w < W; ++w) {   // grad weight[w] = Σ_t gp[t] · xp[t + w]
         acc_t sum = 0;
