@@ -1,8 +1,11 @@
 // CPU kernel of selective_state_update (math in ssm_math.h), compiled once per instruction set:
-// parallel over channels (batch, head, dim), the loop over the N states vectorized.
+// parallel over blocks of channels (batch, head, dim); per-channel math vectorized across the block,
+// the loop over the N states vectorized within a channel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include "common/cpu_isa.h"
 #include "selective_scan/selective_state_update.h"
@@ -13,10 +16,12 @@ SHAMMIE_CPU_TARGET_BEGIN
 namespace shammie::SHAMMIE_CPU_NAMESPACE {
 namespace {
 
+constexpr int64_t kChannelBlock = 256;
+
 template <typename scalar_t, typename state_t>
 void update_typed(const ssm::StateUpdateArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = a.heads, P = a.dim, N = a.dstate, heads_per_group = a.heads / a.groups;
+  const int64_t H = a.heads, P = a.dim, N = a.dstate, HP = a.heads * a.dim, heads_per_group = a.heads / a.groups;
   const int64_t sb = a.state.stride(0), sh = a.state.stride(1), sp = a.state.stride(2), sn = a.state.stride(3);
   state_t* state = a.state.mutable_data_ptr<state_t>();
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
@@ -28,34 +33,54 @@ void update_typed(const ssm::StateUpdateArgs& a) {
   const acc_t* D = a.D.const_data_ptr<acc_t>();
   const acc_t* dt_bias = a.dt_bias.const_data_ptr<acc_t>();
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  const int64_t blocks_per_batch = (HP + kChannelBlock - 1) / kChannelBlock;
 
-  at::parallel_for(0, a.batch * H * P, std::max<int64_t>(1, 4096 / N), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {   // row = (b·H + h)·P + p
-      const int64_t p = row % P, h = (row / P) % H, b = row / (P * H), g = h / heads_per_group;
-      const int64_t channel = h * P + p;
-      const acc_t xv = acc_t(x[row]);
-      const acc_t step = ssm::step_size(acc_t(dt[row]), dt_bias[channel], a.softplus);
-      const acc_t* a_row = A + channel * N;
-      const scalar_t* b_row = B + (b * a.groups + g) * N;
-      const scalar_t* c_row = C + (b * a.groups + g) * N;
-      state_t* s = state + b * sb + h * sh + p * sp;
-      acc_t y = 0;
-      if (sn == 1) {   // the usual layout: a unit-stride loop the compiler vectorizes
-#pragma omp simd reduction(+ : y)
-        for (int64_t n = 0; n < N; ++n) {
-          const acc_t hn = ssm::state_step(acc_t(s[n]), step, a_row[n], acc_t(b_row[n]), xv);
-          s[n] = state_t(hn);
-          y += hn * acc_t(c_row[n]);
-        }
+  // Work items: (batch, block of channels). The per-channel scalar math (step size, D, gate) runs
+  // as vectorized passes over the block; the state loop over N sits between them.
+  at::parallel_for(0, a.batch * blocks_per_batch, 1, [&](int64_t begin, int64_t end) {
+    acc_t steps[kChannelBlock], ys[kChannelBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks_per_batch, c0 = (item % blocks_per_batch) * kChannelBlock;
+      const int64_t count = std::min(kChannelBlock, HP - c0), r0 = b * HP + c0;
+      if (a.softplus) {
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) steps[i] = ssm::step_size(acc_t(dt[r0 + i]), dt_bias[c0 + i], true);
       } else {
-        for (int64_t n = 0; n < N; ++n) {
-          const acc_t hn = ssm::state_step(acc_t(s[n * sn]), step, a_row[n], acc_t(b_row[n]), xv);
-          s[n * sn] = state_t(hn);
-          y += hn * acc_t(c_row[n]);
-        }
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) steps[i] = acc_t(dt[r0 + i]) + dt_bias[c0 + i];
       }
-      y += D[channel] * xv;
-      out[row] = scalar_t(z ? ssm::gate(y, acc_t(z[row])) : y);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t channel = c0 + i, h = channel / P, p = channel % P, g = h / heads_per_group;
+        const acc_t xv = acc_t(x[r0 + i]), step = steps[i];
+        const acc_t* a_row = A + channel * N;
+        const scalar_t* b_row = B + (b * a.groups + g) * N;
+        const scalar_t* c_row = C + (b * a.groups + g) * N;
+        state_t* s = state + b * sb + h * sh + p * sp;
+        acc_t y = 0;
+        if (sn == 1) {   // the usual layout: a unit-stride loop the compiler vectorizes
+#pragma omp simd reduction(+ : y)
+          for (int64_t n = 0; n < N; ++n) {
+            const acc_t hn = ssm::state_step(acc_t(s[n]), step, a_row[n], acc_t(b_row[n]), xv);
+            s[n] = state_t(hn);
+            y += hn * acc_t(c_row[n]);
+          }
+        } else {
+          for (int64_t n = 0; n < N; ++n) {
+            const acc_t hn = ssm::state_step(acc_t(s[n * sn]), step, a_row[n], acc_t(b_row[n]), xv);
+            s[n * sn] = state_t(hn);
+            y += hn * acc_t(c_row[n]);
+          }
+        }
+        ys[i] = y;
+      }
+      if (z) {
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i)
+          out[r0 + i] = scalar_t(ssm::gate(ys[i] + D[c0 + i] * acc_t(x[r0 + i]), acc_t(z[r0 + i])));
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) out[r0 + i] = scalar_t(ys[i] + D[c0 + i] * acc_t(x[r0 + i]));
+      }
     }
   });
 }

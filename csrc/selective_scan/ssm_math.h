@@ -16,7 +16,7 @@ SHAMMIE_HD T softplus(T v) {
 #if defined(__CUDA_ARCH__)
   return v > T(20) ? v : log1p(exp(v));
 #else
-  return v > T(20) ? v : std::log1p(vexp(v));
+  return v > T(20) ? v : vlog1p(vexp(v));
 #endif
 }
 
