@@ -15,11 +15,13 @@ step "environment" | tee "$OUT/summary.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/summary.log"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.log"
 
-# Python packages the machine lacks (peft for the LoRA peer) travel as wheels in .whl/ (see the
-# device tool's README); install them without network.
+# Python packages the machine lacks travel as wheels in .whl/ (see the device tool's README):
+# pytest (with iniconfig, pluggy) for the tests, peft for the LoRA peer. Installed without network.
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+python3 -c "import pytest" 2>/dev/null || {
+  echo "pytest is not installed here: carry its wheels (pytest, iniconfig, pluggy) in .whl/" | tee -a "$OUT/summary.log"; status=1; }
 
 step "build (sm_90, all cores)" | tee -a "$OUT/summary.log"
 export SHAMMIE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)

@@ -20,6 +20,7 @@ SHAPES = {
     "odd": ((37,), 3, 5, 7, 5, 9, 3),                  # 37 tokens: a partial tile
     "wide-q-r": ((6,), 2, 32, 33, 4, 17, 16),          # q, r ≥ 16: the AXPY forms on CPU
     "more-like": ((2, 17), 4, 4, 64, 4, 64, 4),
+    "wide-u": ((3,), 16, 1024, 2, 128, 8, 128),      # k·q = 16384: on CUDA, u lives in global scratch
     "no-batch": ((), 2, 3, 4, 3, 5, 2),
     "empty-batch": ((0,), 2, 3, 4, 3, 5, 2),
     "empty-inner-batch": ((3, 0), 2, 3, 4, 3, 5, 2),
