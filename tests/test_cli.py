@@ -1,0 +1,36 @@
+"""The `shammie` command line: `info` prints the build, `bench` prints a table and writes JSON."""
+
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "shammie", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_prints_the_build():
+    result = run("info")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert {"shammie_version", "torch_version", "cuda", "cpu_kernels"} <= set(info)
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--ops", "selective_scan", "--min-run-time", "0.01", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "selective_state_update" in result.stdout and "peer fwd ms" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["machine"] and len(data["rows"]) == 2
+    assert all(row["ours_fwd_s"] > 0 and row["peer_fwd_s"] > 0 for row in data["rows"])
+
+
+def test_bench_rejects_unknown_ops_and_missing_cuda():
+    result = run("bench", "--ops", "no_such_op")
+    assert result.returncode == 2 and "unknown op(s) ['no_such_op']" in result.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        result = run("bench", "--device", "cuda")
+        assert result.returncode == 2 and "torch sees no CUDA device" in result.stderr
