@@ -27,7 +27,7 @@ python3 -c "import pytest" 2>/dev/null || {
 step "build (sm_90, all cores)" | tee -a "$OUT/summary.log"
 export SHAMMIE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
 SECONDS=0
-python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || {
+timeout 180 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || {
   echo "BUILD FAILED (see build.log)" | tee -a "$OUT/summary.log"; tail -40 "$OUT/build.log"; exit 1; }
 echo "built in ${SECONDS}s" | tee -a "$OUT/summary.log"
 python3 -m shammie info | tee -a "$OUT/summary.log"
