@@ -11,19 +11,9 @@
 
 namespace shammie {
 
-#define SHAMMIE_DECLARE_CONV1D_CPU(ns)                              \
-  namespace ns {                                                    \
-  void causal_conv1d_forward(const conv1d::ForwardArgs& args);      \
-  void causal_conv1d_backward(const conv1d::BackwardArgs& args);    \
-  void causal_conv1d_update(const conv1d::UpdateArgs& args);        \
-  }
-SHAMMIE_DECLARE_CONV1D_CPU(cpu_base)
-#if defined(SHAMMIE_HAS_CPU_AVX2)
-SHAMMIE_DECLARE_CONV1D_CPU(cpu_avx2)
-#endif
-#if defined(SHAMMIE_HAS_CPU_AVX512)
-SHAMMIE_DECLARE_CONV1D_CPU(cpu_avx512)
-#endif
+SHAMMIE_DECLARE_CPU_KERNELS(void causal_conv1d_forward(const conv1d::ForwardArgs& args);
+                            void causal_conv1d_backward(const conv1d::BackwardArgs& args);
+                            void causal_conv1d_update(const conv1d::UpdateArgs& args);)
 
 namespace conv1d {
 namespace {

@@ -33,6 +33,27 @@ const char* cpu_isa_name(CpuIsa isa);
 #define SHAMMIE_CPU_TARGET_END
 #endif
 
+// SHAMMIE_DECLARE_CPU_KERNELS(declarations...) declares a kernel TU's functions in every copy's
+// namespace that this build has (shammie::cpu_base, cpu_avx2, cpu_avx512); use it inside namespace shammie.
+#define SHAMMIE_DECLARE_CPU_KERNELS_IN(ns, ...) \
+  namespace ns {                                 \
+  __VA_ARGS__                                    \
+  }
+#if defined(SHAMMIE_HAS_CPU_AVX512)
+#define SHAMMIE_DECLARE_CPU_KERNELS_AVX512(...) SHAMMIE_DECLARE_CPU_KERNELS_IN(cpu_avx512, __VA_ARGS__)
+#else
+#define SHAMMIE_DECLARE_CPU_KERNELS_AVX512(...)
+#endif
+#if defined(SHAMMIE_HAS_CPU_AVX2)
+#define SHAMMIE_DECLARE_CPU_KERNELS_AVX2(...) SHAMMIE_DECLARE_CPU_KERNELS_IN(cpu_avx2, __VA_ARGS__)
+#else
+#define SHAMMIE_DECLARE_CPU_KERNELS_AVX2(...)
+#endif
+#define SHAMMIE_DECLARE_CPU_KERNELS(...)                  \
+  SHAMMIE_DECLARE_CPU_KERNELS_IN(cpu_base, __VA_ARGS__)   \
+  SHAMMIE_DECLARE_CPU_KERNELS_AVX2(__VA_ARGS__)           \
+  SHAMMIE_DECLARE_CPU_KERNELS_AVX512(__VA_ARGS__)
+
 // SHAMMIE_CPU_DISPATCH(fn, args...) calls shammie::cpu_<isa>::fn(args...) for the chosen copy.
 #if defined(SHAMMIE_HAS_CPU_AVX512)
 #define SHAMMIE_CPU_CASE_AVX512(fn, ...) \

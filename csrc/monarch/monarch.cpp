@@ -10,18 +10,8 @@
 
 namespace shammie {
 
-#define SHAMMIE_DECLARE_MONARCH_CPU(ns)                                \
-  namespace ns {                                                       \
-  void monarch_forward(const monarch::ForwardArgs& args);              \
-  void monarch_backward(const monarch::BackwardArgs& args);            \
-  }
-SHAMMIE_DECLARE_MONARCH_CPU(cpu_base)
-#if defined(SHAMMIE_HAS_CPU_AVX2)
-SHAMMIE_DECLARE_MONARCH_CPU(cpu_avx2)
-#endif
-#if defined(SHAMMIE_HAS_CPU_AVX512)
-SHAMMIE_DECLARE_MONARCH_CPU(cpu_avx512)
-#endif
+SHAMMIE_DECLARE_CPU_KERNELS(void monarch_forward(const monarch::ForwardArgs& args);
+                            void monarch_backward(const monarch::BackwardArgs& args);)
 
 namespace monarch {
 namespace {

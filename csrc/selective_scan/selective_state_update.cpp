@@ -10,17 +10,7 @@
 
 namespace shammie {
 
-#define SHAMMIE_DECLARE_SSM_CPU(ns) \
-  namespace ns {                    \
-  void selective_state_update(const ssm::StateUpdateArgs& args); \
-  }
-SHAMMIE_DECLARE_SSM_CPU(cpu_base)
-#if defined(SHAMMIE_HAS_CPU_AVX2)
-SHAMMIE_DECLARE_SSM_CPU(cpu_avx2)
-#endif
-#if defined(SHAMMIE_HAS_CPU_AVX512)
-SHAMMIE_DECLARE_SSM_CPU(cpu_avx512)
-#endif
+SHAMMIE_DECLARE_CPU_KERNELS(void selective_state_update(const ssm::StateUpdateArgs& args);)
 
 namespace ssm {
 namespace {
