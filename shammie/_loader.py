@@ -30,15 +30,10 @@ def recorded_build_info() -> dict:
     return json.loads(path.read_text())
 
 
-def _torch_release(version: str) -> str:
-    # "2.14.1+cu130" and "2.14.1" are different builds: compare the whole string.
-    return version.strip()
-
-
 def load_extension():
     info = recorded_build_info()
     built, running = info["torch_version"], torch.__version__
-    if _torch_release(built) != _torch_release(running):
+    if built != running:   # "2.14.1+cu130" and "2.14.1" are different builds: the whole string counts
         raise ShammieBuildError(
             f"shammie was built for torch {built} but torch {running} is installed; "
             f"its compiled ops only load under the torch they were built with. {REBUILD_HINT}"
