@@ -13,6 +13,11 @@ import sys
 
 import torch
 
+try:
+    import peft   # the LoRA peer; the MoRe cases are skipped without it
+except ImportError:
+    peft = None
+
 from shammie.benchmarks.harness import Case
 from shammie.more import MoReLinear
 
@@ -21,8 +26,6 @@ TOKENS = 2048
 
 
 def _lora_layer(base: torch.nn.Linear, rank: int) -> torch.nn.Module:
-    import peft
-
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -50,7 +53,7 @@ def _cases_for(name, n_in, n_out, dtype, device, with_layer: bool) -> list[Case]
 
     out = torch.zeros(TOKENS, n_out, device=device, dtype=dtype)   # the base output the adapter adds into
     params = ours.adapter_parameters
-    peer_name = f"peft {__import__('peft').__version__} LoRA, rank {rank} ({rank * (n_in + n_out):,} params; MoRe {params:,})"
+    peer_name = f"peft {peft.__version__} LoRA, rank {rank} ({rank * (n_in + n_out):,} params; MoRe {params:,})"
     adapter_case = Case(
         op="MoRe adapter", shape=f"{name} M={TOKENS}", dtype=dtype, make_inputs=make_x,
         ours=ours.adapter, peer=lambda x: out + lora_b(lora_a(x)) * scale, peer_name=peer_name,
@@ -67,9 +70,7 @@ def _cases_for(name, n_in, n_out, dtype, device, with_layer: bool) -> list[Case]
 
 
 def cases(device: torch.device, dtypes=None) -> list[Case]:
-    try:
-        import peft  # noqa: F401  (the peer)
-    except ImportError:
+    if peft is None:
         print("shammie bench: skipping the MoRe cases: peft (the LoRA peer) is not installed", file=sys.stderr)
         return []
     dtypes = dtypes or ([torch.bfloat16] if device.type == "cuda" else [torch.float32])

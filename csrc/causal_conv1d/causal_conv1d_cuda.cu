@@ -25,11 +25,14 @@ inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, int64_t(1) << 20));
 }
 
+// pre[t] for channel d of one row; bias may be null.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t pre_activation(const scalar_t* __restrict__ x_row, int64_t x_time,
-                                                const scalar_t* __restrict__ w_row, acc_t bias, int64_t width,
+                                                const scalar_t* __restrict__ weight,
+                                                const scalar_t* __restrict__ bias, int64_t d, int64_t width,
                                                 int64_t t) {
-  acc_t acc = bias;
+  const scalar_t* w_row = weight + d * width;
+  acc_t acc = bias ? acc_t(bias[d]) : acc_t(0);
   for (int64_t w = 0; w < width; ++w) {
     const int64_t src = t - lag(w, width);
     if (src >= 0) acc += acc_t(w_row[w]) * acc_t(x_row[src * x_time]);
@@ -45,8 +48,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = batch * dim * length;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i % length, row = i / length, d = row % dim, b = row / dim;
-    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight + d * width,
-                                                      acc_t(bias ? acc_t(bias[d]) : acc_t(0)), width, t);
+    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight, bias, d, width, t);
     out[i] = scalar_t(activate(pre, silu));
   }
 }
@@ -60,8 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = batch * dim * length;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i % length, row = i / length, d = row % dim, b = row / dim;
-    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight + d * width,
-                                                      acc_t(bias ? acc_t(bias[d]) : acc_t(0)), width, t);
+    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight, bias, d, width, t);
     gp[i] = acc_t(gy[b * gs.batch + d * gs.dim + t * gs.time]) * activation_grad(pre, silu);
   }
 }
