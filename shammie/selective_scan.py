@@ -1,5 +1,6 @@
-"""Mamba's selective state space model: `selective_state_update`, the single-token decode step,
-with mamba_ssm's contract (Mamba-1 and Mamba-2 layouts). Kernels: csrc/selective_scan/.
+"""Mamba's selective state space model with mamba_ssm's contracts: `selective_scan_fn`, the scan over
+a whole sequence (differentiable), and `selective_state_update`, the single-token decode step
+(Mamba-1 and Mamba-2 layouts). Kernels: csrc/selective_scan/.
 
 Per channel: dt = softplus(dt + dt_bias) (or dt + dt_bias); state ← exp(dt·A)·state + dt·B·x;
 out = Σ_n C·state + D·x, times silu(z) when z is given. `state` is updated in place.
@@ -44,3 +45,124 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     if state.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{op}: state must have x's dtype ({x.dtype}) or float32, got {state.dtype}")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_MAX_DSTATE = 256
+_SUB_CHUNK = 32
+
+
+def checkpoint_interval(dstate: int) -> int:
+    """Steps between the states the forward saves for the backward (csrc/selective_scan/selective_scan.h)."""
+    return _SUB_CHUNK * ((dstate + 15) // 16)
+
+
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                      delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                      return_last_state: bool = False):
+    """Selective scan over the sequence, mamba_ssm's contract.
+
+    u, delta, z: (batch, dim, L), one dtype (float32, float16, bfloat16 or float64); A: (dim, N), real,
+    1 ≤ N ≤ 256; B, C: (dim, N) constant, (batch, N, L) variable or (batch, G, N, L) grouped with
+    dim % G == 0; D, delta_bias: (dim,). Math and state in float32 (float64 for float64 inputs).
+    Returns out (batch, dim, L) in u's dtype, and with `return_last_state` also the final state
+    (batch, dim, N) in float32. Differentiable in every tensor argument, including through the last state.
+    """
+    out, checkpoints = torch.ops.shammie.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if return_last_state:
+        return out, checkpoints[:, :, -1]
+    return out
+
+
+def _check_scan(op, u, delta, A, B, C, D, z, delta_bias):
+    """The checks of csrc/selective_scan/selective_scan.cpp, for fake tensors."""
+    if u.dim() != 3:
+        raise ValueError(f"{op}: u must be 3-D (batch, dim, seqlen), got a tensor of shape {tuple(u.shape)}")
+    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{op}: u must be float32, float16, bfloat16 or float64, got {u.dtype}")
+    batch, dim, seqlen = u.shape
+    named = (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias))
+    for name, t in named:
+        if t is not None and t.device != u.device:
+            raise ValueError(f"{op}: {name} must be on the same device as u ({u.device}), got {t.device}")
+    for name, t in (("delta", delta), ("z", z)):
+        if t is None:
+            continue
+        if t.shape != u.shape:
+            raise ValueError(f"{op}: {name} must have shape (batch, dim, seqlen) like u = {tuple(u.shape)}, got {tuple(t.shape)}")
+        if t.dtype != u.dtype:
+            raise TypeError(f"{op}: {name} must have the same dtype as u ({u.dtype}), got {t.dtype}")
+    if A.is_complex():
+        raise TypeError(f"{op}: complex A is not supported (only real A, B, C)")
+    if A.dim() != 2 or A.shape[0] != dim or not 1 <= A.shape[1] <= _MAX_DSTATE:
+        raise ValueError(f"{op}: A must have shape (dim, dstate) with dim = {dim} and 1 <= dstate <= {_MAX_DSTATE}, got {tuple(A.shape)}")
+    dstate = A.shape[1]
+    groups = set()
+    for name, t in (("B", B), ("C", C)):
+        if t.is_complex():
+            raise TypeError(f"{op}: complex {name} is not supported (only real A, B, C)")
+        if t.dim() == 2:
+            expected = (dim, dstate)
+        elif t.dim() in (3, 4):
+            g = t.shape[1] if t.dim() == 4 else 1
+            if g < 1 or dim % g:
+                raise ValueError(f"{op}: dim ({dim}) must be a multiple of {name}'s ngroups ({g})")
+            groups.add(g)
+            expected = (batch, g, dstate, seqlen) if t.dim() == 4 else (batch, dstate, seqlen)
+        else:
+            raise ValueError(f"{op}: {name} must be (dim, dstate), (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen), got {tuple(t.shape)}")
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(t.shape)}")
+    if len(groups) > 1:
+        raise ValueError(f"{op}: B and C must have the same ngroups, got {sorted(groups)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{op}: {name} must have shape (dim,) = ({dim},), got {tuple(t.shape)}")
+    return batch, dim, seqlen, dstate
+
+
+def _accumulation_dtype(u):
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _num_checkpoints(seqlen, dstate):
+    interval = checkpoint_interval(dstate)
+    return max(1, -(-seqlen // interval))
+
+
+@torch.library.register_fake("shammie::selective_scan")
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    batch, dim, seqlen, dstate = _check_scan("selective_scan", u, delta, A, B, C, D, z, delta_bias)
+    checkpoints = u.new_empty((batch, dim, _num_checkpoints(seqlen, dstate), dstate), dtype=_accumulation_dtype(u))
+    return torch.empty_like(u, memory_format=torch.contiguous_format), checkpoints
+
+
+@torch.library.register_fake("shammie::selective_scan_backward")
+def _(grad_out, grad_checkpoints, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus):
+    _, dim, _, _ = _check_scan("selective_scan", u, delta, A, B, C, D, z, delta_bias)
+    act = lambda: torch.empty_like(u, memory_format=torch.contiguous_format)
+    acc = _accumulation_dtype(u)
+    return [act(), act(), torch.empty_like(A), torch.empty_like(B, memory_format=torch.contiguous_format),
+            torch.empty_like(C, memory_format=torch.contiguous_format), u.new_empty((dim,), dtype=acc),
+            act() if z is not None else u.new_empty((0,)), u.new_empty((dim,), dtype=acc)]
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+    ctx.given = [t is not None for t in (D, z, delta_bias)]
+
+
+def _scan_backward(ctx, grad_out, grad_checkpoints):
+    u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = torch.ops.shammie.selective_scan_backward(
+        grad_out, grad_checkpoints, u, delta, A, B, C, D, z, delta_bias, checkpoints, ctx.delta_softplus)
+    has_D, has_z, has_bias = ctx.given
+    return (du, ddelta, dA, dB, dC, dD.to(D.dtype) if has_D else None, dz if has_z else None,
+            ddelta_bias.to(delta_bias.dtype) if has_bias else None, None)
+
+
+torch.library.register_autograd("shammie::selective_scan", _scan_backward, setup_context=_scan_setup_context)

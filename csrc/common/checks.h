@@ -31,6 +31,11 @@ inline void check_floating(const char* op, Arg a) {
                    ": ", a.name, " must be float32, float16, bfloat16 or float64, got ", t);
 }
 
+inline void check_shape(const char* op, Arg a, at::IntArrayRef expected, const char* layout) {
+  TORCH_CHECK_VALUE(a.tensor.sizes() == expected, op, ": ", a.name, " must have shape ", layout, " = ", expected,
+                    ", got ", a.tensor.sizes());
+}
+
 inline void check_same_dtype(const char* op, Arg a, Arg b) {
   TORCH_CHECK_TYPE(a.tensor.scalar_type() == b.tensor.scalar_type(), op, ": ", b.name,
                    " must have the same dtype as ", a.name, " (", a.tensor.scalar_type(), "), got ",

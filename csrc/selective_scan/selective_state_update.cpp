@@ -17,19 +17,14 @@ namespace {
 
 constexpr const char* kOp = "selective_state_update";
 
-void check_shape(Arg a, at::IntArrayRef expected, const char* layout) {
-  TORCH_CHECK_VALUE(a.tensor.sizes() == expected, kOp, ": ", a.name, " must have shape ", layout, " = ",
-                    expected, ", got ", a.tensor.sizes());
-}
-
 // A per-channel parameter as (H, P) in the accumulation dtype; zeros when absent.
 at::Tensor channel_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t heads,
                          int64_t dim, bool four_d, at::ScalarType acc) {
   if (!t) return at::zeros({heads, dim}, x.options().dtype(acc));
   check_floating(kOp, {*t, name});
   check_same_device(kOp, {x, "x"}, {*t, name});
-  if (four_d) check_shape({*t, name}, {heads, dim}, "(nheads, dim)");
-  else check_shape({*t, name}, {dim}, "(dim,)");
+  if (four_d) check_shape(kOp, {*t, name}, {heads, dim}, "(nheads, dim)");
+  else check_shape(kOp, {*t, name}, {dim}, "(dim,)");
   return t->to(acc).reshape({heads, dim}).contiguous();
 }
 
@@ -54,21 +49,21 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
   const char* act_layout = four_d ? "(batch, nheads, dim)" : "(batch, dim)";
   const std::vector<int64_t> act_shape = four_d ? std::vector<int64_t>{batch, heads, dim} : std::vector<int64_t>{batch, dim};
   for (Arg a : {Arg{x_in, "x"}, Arg{dt_in, "dt"}}) {
-    check_shape(a, act_shape, act_layout);
+    check_shape(kOp, a, act_shape, act_layout);
     check_same_dtype(kOp, {x_in, "x"}, a);
     check_same_device(kOp, {x_in, "x"}, a);
   }
   check_same_device(kOp, {x_in, "x"}, {state_in, "state"});
   if (z_in) {
-    check_shape({*z_in, "z"}, act_shape, act_layout);
+    check_shape(kOp, {*z_in, "z"}, act_shape, act_layout);
     check_same_dtype(kOp, {x_in, "x"}, {*z_in, "z"});
     check_same_device(kOp, {x_in, "x"}, {*z_in, "z"});
   }
   TORCH_CHECK_TYPE(!A_in.is_complex(), kOp, ": complex A is not supported");
   check_floating(kOp, {A_in, "A"});
   check_same_device(kOp, {x_in, "x"}, {A_in, "A"});
-  if (four_d) check_shape({A_in, "A"}, {heads, dim, dstate}, "(nheads, dim, dstate)");
-  else check_shape({A_in, "A"}, {dim, dstate}, "(dim, dstate)");
+  if (four_d) check_shape(kOp, {A_in, "A"}, {heads, dim, dstate}, "(nheads, dim, dstate)");
+  else check_shape(kOp, {A_in, "A"}, {dim, dstate}, "(dim, dstate)");
   const int64_t rank_bc = four_d ? 3 : 2;
   for (Arg a : {Arg{B_in, "B"}, Arg{C_in, "C"}}) {
     check_rank(kOp, a, rank_bc, four_d ? "(batch, ngroups, dstate)" : "(batch, dstate)");
@@ -79,8 +74,8 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
   TORCH_CHECK_VALUE(groups >= 1 && heads % groups == 0, kOp, ": nheads (", heads,
                     ") must be a multiple of B's ngroups (", groups, ")");
   for (Arg a : {Arg{B_in, "B"}, Arg{C_in, "C"}}) {
-    if (four_d) check_shape(a, {batch, groups, dstate}, "(batch, ngroups, dstate)");
-    else check_shape(a, {batch, dstate}, "(batch, dstate)");
+    if (four_d) check_shape(kOp, a, {batch, groups, dstate}, "(batch, ngroups, dstate)");
+    else check_shape(kOp, a, {batch, dstate}, "(batch, dstate)");
   }
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   StateUpdateArgs args{batch, heads, dim, dstate, groups, dt_softplus, state,

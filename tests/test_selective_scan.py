@@ -1,0 +1,175 @@
+"""selective_scan_fn: forward, last state and gradients against a float64 sequential reference written
+from the math; N from 1 to 256; L = 1 and L across checkpoint intervals and sub-chunks; variable,
+grouped and constant B / C; with and without D, z, delta_bias and softplus; every dtype; every CPU
+instruction-set copy; gradcheck, opcheck, torch.compile(fullgraph=True), and bad input."""
+
+import pytest
+import torch
+
+import shammie
+from shammie.reference.selective_scan import selective_scan_reference
+from shammie.selective_scan import checkpoint_interval
+from conftest import DEVICES, DTYPES, assert_matches_reference
+
+LOW = ("u", "delta", "z")          # in the activation dtype; B / C too unless constant
+ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make(batch, dim, L, N, bc="variable", groups=2, D=True, z=True, bias=True, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    shape_bc = {"variable": (batch, N, L), "grouped": (batch, groups, N, L), "constant": (dim, N)}[bc]
+    t = dict(u=r(batch, dim, L), delta=r(batch, dim, L) * 0.5, A=-torch.rand(dim, N, generator=g, dtype=torch.float64) * 2,
+             B=r(*shape_bc), C=r(*shape_bc) * 0.5, D=r(dim) if D else None, z=r(batch, dim, L) if z else None,
+             delta_bias=r(dim) * 0.3 if bias else None)
+    low = set(LOW) | ({"B", "C"} if bc != "constant" else set())
+    return {k: None if v is None else v.to(device=device, dtype=dtype if k in low else torch.float32) for k, v in t.items()}
+
+
+def references(inputs, softplus, dtype):
+    """float64 reference, and the reference on the same rounded inputs in the kernel's math dtype."""
+    to = lambda d: {k: None if v is None else v.detach().cpu().to(d) for k, v in inputs.items()}
+    ref = selective_scan_reference(**to(torch.float64), delta_softplus=softplus, return_last_state=True)
+    low_inputs = {k: None if v is None else v.detach().cpu() for k, v in inputs.items()}
+    low = selective_scan_reference(**low_inputs, delta_softplus=softplus, return_last_state=True)
+    return ref, low
+
+
+CASES = {
+    "L=1 N=16": dict(batch=2, dim=6, L=1, N=16),
+    "L=77 N=16 (sub-chunk and interval tails)": dict(batch=2, dim=20, L=77, N=16),
+    "L=77 N=16 grouped": dict(batch=2, dim=20, L=77, N=16, bc="grouped", groups=4),
+    "L=45 N=16 constant B/C": dict(batch=2, dim=18, L=45, N=16, bc="constant"),
+    "L=50 N=1": dict(batch=1, dim=3, L=50, N=1),
+    "L=40 N=4 no D/z/bias": dict(batch=2, dim=5, L=40, N=4, D=False, z=False, bias=False),
+    "L=300 N=64 (three intervals)": dict(batch=1, dim=3, L=300, N=64),
+    "L=600 N=256 (two intervals of 16 sub-chunks)": dict(batch=1, dim=2, L=600, N=256),
+    "empty batch": dict(batch=0, dim=4, L=10, N=8),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("softplus", [False, True])
+def test_forward_and_last_state_match_reference(case, dtype, device, softplus):
+    inputs = make(**CASES[case], dtype=dtype, device=device)
+    if not softplus:   # a positive step, as a softplus would give; a negative one makes the state explode
+        inputs["delta"] = inputs["delta"].abs()
+    else:              # and a few steps on softplus's pass-through branch (> 20)
+        inputs["delta"].view(-1)[::7] += 25
+    (ref_out, ref_state), (low_out, low_state) = references(inputs, softplus, dtype)
+    out, state = shammie.selective_scan_fn(**inputs, delta_softplus=softplus, return_last_state=True)
+    assert_matches_reference(out, ref_out, low_out, "out")
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_matches_reference(state, ref_state, low_state.to(math), "last state")
+
+
+def gradients(fn, inputs, softplus, seed=1):
+    """Gradients of a random linear function of (out, last state) w.r.t. every tensor input."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    out, state = fn(**{**inputs, **leaves}, delta_softplus=softplus, return_last_state=True)
+    g = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    w_state = torch.randn(state.shape, generator=g, dtype=torch.float64).to(state.device, state.dtype)
+    loss = (out * w_out).sum() + (state * w_state).sum()
+    return dict(zip(leaves, torch.autograd.grad(loss.float() if loss.dtype != torch.float64 else loss, list(leaves.values()))))
+
+
+GRAD_CASES = ["L=1 N=16", "L=77 N=16 (sub-chunk and interval tails)", "L=77 N=16 grouped", "L=45 N=16 constant B/C",
+              "L=40 N=4 no D/z/bias", "L=300 N=64 (three intervals)", "L=600 N=256 (two intervals of 16 sub-chunks)"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_match_reference(case, dtype, device):
+    inputs = make(**CASES[case], dtype=dtype, device=device)
+    got = gradients(shammie.selective_scan_fn, inputs, True)
+    cpu = {k: None if v is None else v.detach().cpu() for k, v in inputs.items()}
+    ref = gradients(selective_scan_reference, {k: None if v is None else v.double() for k, v in cpu.items()}, True)
+    low = gradients(selective_scan_reference, cpu, True)
+    for name in got:
+        assert_matches_reference(got[name], ref[name], low[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_every_cpu_instruction_set_copy(isa, monkeypatch):
+    monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)
+    inputs = make(2, 20, 77, 16, bc="grouped", groups=2)
+    (ref_out, _), (low_out, _) = references(inputs, True, torch.float32)
+    assert_matches_reference(shammie.selective_scan_fn(**inputs, delta_softplus=True), ref_out, low_out, f"out [{isa}]")
+    got = gradients(shammie.selective_scan_fn, inputs, True)
+    ref = gradients(selective_scan_reference, {k: None if v is None else v.double() for k, v in inputs.items()}, True)
+    low = gradients(selective_scan_reference, inputs, True)
+    for name in got:
+        assert_matches_reference(got[name], ref[name], low[name], f"grad {name} [{isa}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bc", ["variable", "grouped", "constant"])
+def test_gradcheck(bc, device):
+    inputs = make(1, 4, 2 * checkpoint_interval(4) + 3, 4, bc=bc, dtype=torch.float64, device=device)
+    inputs = {k: None if v is None else v.double().requires_grad_(True) for k, v in inputs.items()}
+
+    def fn(*args):
+        out, state = shammie.selective_scan_fn(*args, delta_softplus=True, return_last_state=True)
+        return out, state
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in ORDER), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_compile(device):
+    inputs = make(2, 8, 40, 16, device=device)
+    args = tuple(inputs[k] for k in ORDER)
+    torch.library.opcheck(torch.ops.shammie.selective_scan, (*args, True))
+    torch._dynamo.reset()
+    leaves = [a.detach().clone().requires_grad_(True) if a is not None else None for a in args]
+
+    def step(u, delta, A, B, C, D, z, delta_bias):
+        out, state = shammie.selective_scan_fn(u * 1.5, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
+                                               return_last_state=True)
+        return out.square().sum() + state.sum()
+
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(step, fullgraph=True)(*leaves)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_non_contiguous_inputs():
+    inputs = make(2, 8, 33, 16)
+    strided = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if k in ("u", "delta", "z", "B", "C") else v
+               for k, v in inputs.items()}
+    torch.testing.assert_close(shammie.selective_scan_fn(**strided, delta_softplus=True),
+                               shammie.selective_scan_fn(**inputs, delta_softplus=True))
+
+
+BAD = [
+    (dict(u=torch.randn(2, 8)), ValueError, r"u must be 3-D \(batch, dim, seqlen\)"),
+    (dict(delta=torch.randn(2, 8, 9)), ValueError, "delta must have shape"),
+    (dict(delta=torch.randn(2, 8, 12, dtype=torch.float64)), TypeError, "delta must have the same dtype as u"),
+    (dict(z=torch.randn(2, 8, 9)), ValueError, "z must have shape"),
+    (dict(A=torch.randn(8, 300)), ValueError, r"1 <= dstate <= 256"),
+    (dict(A=torch.randn(7, 16)), ValueError, r"A must have shape \(dim, dstate\)"),
+    (dict(A=torch.complex(torch.randn(8, 16), torch.randn(8, 16))), TypeError, "complex A is not supported"),
+    (dict(B=torch.randn(2, 16, 11)), ValueError, "B must have shape"),
+    (dict(B=torch.randn(2, 3, 16, 12), C=torch.randn(2, 3, 16, 12)), ValueError, "must be a multiple of B's ngroups"),
+    (dict(B=torch.randn(2, 2, 16, 12), C=torch.randn(2, 4, 16, 12)), ValueError, "B and C must have the same ngroups"),
+    (dict(C=torch.randn(2, 16)), ValueError, "C must have shape"),
+    (dict(D=torch.randn(5)), ValueError, r"D must have shape \(dim,\)"),
+    (dict(delta_bias=torch.randn(8, 1)), ValueError, r"delta_bias must have shape \(dim,\)"),
+    (dict(u=torch.randint(0, 3, (2, 8, 12))), TypeError, "u must be float32, float16, bfloat16 or float64"),
+    (dict(C=torch.randn(2, 16, 12, device="meta")), ValueError, "C must be on the same device as u"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_is_a_clear_error(change, error, message):
+    good = make(2, 8, 12, 16)
+    with pytest.raises(error, match=message):
+        shammie.selective_scan_fn(**{**good, **change}, delta_softplus=True)
