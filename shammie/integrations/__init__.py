@@ -1,0 +1,1 @@
+"""Drop-ins that route other libraries' models through shammie's kernels."""

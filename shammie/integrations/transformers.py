@@ -1,0 +1,111 @@
+"""Run Hugging Face transformers' Mamba models on shammie's kernels, on CPU and CUDA.
+
+transformers routes every kernel call of its Mamba mixers through module-level functions of
+`modeling_mamba` / `modeling_mamba2` (hub kernels or mamba_ssm when present, else a torch fallback: a
+Python loop over the sequence). `use_shammie_kernels()` rebinds those names to shammie's ops:
+
+- Mamba (`MambaForCausalLM`, `MambaModel`): training (`mamba_inner_fn`), prefill (`causal_conv1d_fn`
+  + `selective_scan_fn` with the last state for the cache) and decode (`causal_conv1d_update` +
+  `selective_state_update`).
+- Mamba2: the convolutions and the decode step. Its prefill and training use the chunked SSD scan
+  (`mamba_chunk_scan_combined`), which shammie does not implement, so they stay on transformers' torch path.
+
+Call it once, or use it as a context manager; `restore()` (or leaving the `with`) undoes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import shammie
+from shammie.mamba_inner import mamba_inner_fn
+
+_PACKED = ("seq_idx", "cu_seqlens")
+
+
+def _no_packed_sequences(kwargs, name):
+    for key in _PACKED:
+        if kwargs.get(key) is not None:
+            raise NotImplementedError(f"shammie's {name} does not support packed sequences ({key}=...)")
+
+
+def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+    _no_packed_sequences(kwargs, "causal_conv1d_fn")
+    x = hidden_states.to(weight.dtype)
+    return shammie.causal_conv1d_fn(x, weight, bias, activation).to(hidden_states.dtype)
+
+
+def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
+    x = hidden_states.to(weight.dtype)
+    return shammie.causal_conv1d_update(x, conv_state, weight, bias, activation).to(hidden_states.dtype)
+
+
+def selective_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None,
+                           **kwargs):
+    _no_packed_sequences(kwargs, "selective_state_update")
+    return shammie.selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, **kwargs):
+    """transformers' `mamba_selective_scan` signature (its use_mambapy / use_associative_scan flags
+    choose among torch fallbacks and do not apply)."""
+    _no_packed_sequences(kwargs, "selective_scan_fn")
+    return shammie.selective_scan_fn(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# module -> {name in that module: shammie's replacement}
+_REPLACEMENTS = {
+    "transformers.models.mamba.modeling_mamba": {
+        "causal_conv1d_fn": causal_conv1d_fn,
+        "causal_conv1d_update": causal_conv1d_update,
+        "mamba_inner_fn": mamba_inner_fn,
+        "mamba_selective_scan": selective_scan,
+        "mamba_selective_state_update": selective_state_update,
+    },
+    "transformers.models.mamba2.modeling_mamba2": {
+        "causal_conv1d_fn": causal_conv1d_fn,
+        "causal_conv1d_update": causal_conv1d_update,
+        "mamba2_selective_state_update": selective_state_update,
+    },
+}
+
+
+class use_shammie_kernels:
+    """Patch transformers' Mamba modules to call shammie's ops. Works as a call or a context manager:
+
+        use_shammie_kernels()                 # from now on
+        with use_shammie_kernels(): ...       # inside the block only
+    """
+
+    def __init__(self):
+        self._saved = []
+        for module_name, replacements in _REPLACEMENTS.items():
+            module = importlib.import_module(module_name)
+            for name, fn in replacements.items():
+                if not hasattr(module, name):
+                    raise RuntimeError(f"use_shammie_kernels: {module_name}.{name} is missing; this transformers "
+                                       "version routes its Mamba kernels differently")
+                self._saved.append((module, name, getattr(module, name)))
+                setattr(module, name, fn)
+
+    def restore(self) -> None:
+        """Put transformers' own functions back."""
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def is_patched() -> bool:
+    module = importlib.import_module("transformers.models.mamba.modeling_mamba")
+    return module.mamba_selective_scan is selective_scan
+
+
+__all__ = ["use_shammie_kernels", "is_patched"]
