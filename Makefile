@@ -22,5 +22,5 @@ build: $(VENV)/.shammie-deps
 $(VENV)/.shammie-deps:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH) numpy pybind11 cmake ninja pytest setuptools wheel \
-		transformers peft safetensors tqdm
+		transformers peft safetensors tqdm mambapy
 	touch $@

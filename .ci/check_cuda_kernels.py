@@ -12,6 +12,8 @@ OPS = [
     "causal_conv1d_backward",
     "causal_conv1d_update",
     "selective_state_update",
+    "selective_scan",
+    "selective_scan_backward",
 ]
 
 info = shammie.build_info()

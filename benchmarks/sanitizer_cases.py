@@ -34,5 +34,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         A = -torch.rand(*chan, N, device="cuda")
         shammie.selective_state_update(state, x, dt, A, B, C, torch.randn(*chan, device="cuda"), z,
                                        torch.randn(*chan, device="cuda"), dt_softplus=True)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    # (batch, dim, L, N, B/C form): odd dims, tails of tiles and intervals, N > 32 across warps, groups
+    for batch, dim, L, N, form in ((2, 7, 37, 16, "variable"), (1, 3, 70, 1, "constant"), (1, 5, 130, 64, "grouped"),
+                                   (1, 2, 40, 256, "variable"), (2, 20, 33, 4, "grouped")):
+        shape = {"variable": (batch, N, L), "grouped": (batch, dim if dim % 5 == 0 and dim != 5 else 1, N, L),
+                 "constant": (dim, N)}[form]
+        bc_dtype = torch.float32 if form == "constant" else dtype
+        u, delta, z = (torch.randn(batch, dim, L, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        B, C = (torch.randn(*shape, device="cuda", dtype=bc_dtype, requires_grad=True) for _ in range(2))
+        A = (-torch.rand(dim, N, device="cuda")).requires_grad_()
+        D, bias = (torch.randn(dim, device="cuda", requires_grad=True) for _ in range(2))
+        out, last = shammie.selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
+        (out.float().sum() + last.sum()).backward()
 torch.cuda.synchronize()
 print("sanitizer cases ran")

@@ -1,5 +1,6 @@
-"""Selective SSM decode step (selective_state_update) against the formulation of HF transformers'
-Mamba decode path (torch ops on the whole (batch, dim, N) state: exp, multiply-add, matmul with C;
+"""selective_scan_fn on a Mamba layer against HF transformers' torch paths (its Python loop, and
+mambapy's parallel scan that `use_mambapy=True` selects); the decode step (selective_state_update)
+against the formulation of HF transformers' Mamba decode path (torch ops on the whole (batch, dim, N) state: exp, multiply-add, matmul with C;
 shammie.reference.selective_scan.selective_state_update_reference)."""
 
 from __future__ import annotations
@@ -46,5 +47,75 @@ def _case(name, batch, heads, dim, N, groups, dtype) -> Case:
 
 
 def cases(device: torch.device, dtypes=None) -> list[Case]:
+    dtypes_decode = dtypes or ([torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32])
+    return scan_cases(device, dtypes) + [_case(*shape, dtype) for dtype in dtypes_decode for shape in SHAPES]
+
+
+# ---------------------------------------------------------------------------------------------
+# selective_scan_fn on a Mamba layer: dim 1536 (Mamba-130M's inner width), N 16, with z, delta_bias
+# and softplus, as HF's MambaMixer calls it. The default CPU table uses L = 512 against mambapy (the
+# peers take tens of seconds at L = 2048); `shammie bench --ops selective_scan_full` runs the issue's
+# shape (batch 2, L 2048) against both of transformers' paths (benchmarks/selective_scan_full.py).
+
+SCAN_SHAPES = {"cpu": [("Mamba-130M layer", 2, 1536, 512, 16)], "cuda": [("Mamba-130M layer", 8, 1536, 2048, 16)]}
+FULL_SHAPE = ("Mamba-130M layer", 2, 1536, 2048, 16)
+
+
+def _hf_scan(use_mambapy: bool):
+    """transformers' own torch path of `mamba_selective_scan` (not a patched one)."""
+    from transformers.models.mamba import modeling_mamba
+
+    fn = getattr(modeling_mamba.mamba_selective_scan, "__wrapped__", modeling_mamba.mamba_selective_scan)
+    if fn.__module__ != modeling_mamba.__name__:
+        raise RuntimeError("transformers' mamba_selective_scan is patched; benchmark outside use_shammie_kernels()")
+
+    def scan(u, delta, A, B, C, D, z, delta_bias):
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, use_mambapy=use_mambapy)
+
+    return scan
+
+
+def _scan_case(name, batch, dim, L, N, dtype, peer: str) -> Case:
+    def make_inputs(device):
+        g = torch.Generator().manual_seed(0)
+        act = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+        f32 = lambda t: t.to(device)
+        A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(dim, 1)           # S4D-real init, as Mamba's
+        dt_bias = torch.log(torch.expm1(torch.empty(dim).uniform_(1e-3, 1e-1, generator=g)))
+        return [act(batch, dim, L), act(batch, dim, L) * 0.1, f32(A), act(batch, N, L), act(batch, N, L),
+                f32(torch.ones(dim)), act(batch, dim, L), f32(dt_bias)]
+
+    def ours(u, delta, A, B, C, D, z, delta_bias):
+        return shammie.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
+
+    size = torch.empty((), dtype=dtype).element_size()
+    activations = batch * dim * L
+    mambapy = peer == "mambapy"
+    return Case(
+        op="selective_scan_fn", shape=f"{name} B={batch} D={dim} L={L} N={N}", dtype=dtype, make_inputs=make_inputs,
+        ours=ours, peer=_hf_scan(use_mambapy=mambapy),
+        peer_name=("HF transformers' mamba_selective_scan with use_mambapy=True (mambapy's parallel scan)" if mambapy
+                   else "HF transformers' mamba_selective_scan slow path (Python loop over L)"),
+        # reads of u, delta, z, B, C and the write of out; the backward reads those and grad_out and
+        # writes du, ddelta, dz, dB, dC
+        bytes_forward=size * (4 * activations + 2 * batch * N * L),
+        bytes_backward=size * (7 * activations + 4 * batch * N * L),
+        flops_forward=9.0 * activations * N, flops_backward=20.0 * activations * N,
+        backward=mambapy)
+
+
+def _mambapy_available() -> bool:
+    try:
+        import mambapy.pscan  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def scan_cases(device: torch.device, dtypes=None, shapes=None, peers=("mambapy",)) -> list[Case]:
     dtypes = dtypes or ([torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32])
-    return [_case(*shape, dtype) for dtype in dtypes for shape in SHAPES]
+    shapes = shapes or SCAN_SHAPES[device.type]
+    if "mambapy" in peers and not _mambapy_available():
+        print("selective_scan_fn: `pip install mambapy` for the use_mambapy=True peer; timing HF's Python loop instead")
+        peers = ["loop"]
+    return [_scan_case(*shape, dtype, peer) for dtype in dtypes for shape in shapes for peer in peers]
