@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -58,7 +58,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["shammie", "shammie.benchmarks"],
+    # Every subpackage of shammie/ (more, reference, integrations, ...) plus benchmarks/ as shammie.benchmarks.
+    packages=["shammie", *(f"shammie.{name}" for name in find_packages("shammie")), "shammie.benchmarks"],
     package_dir={"shammie": "shammie", "shammie.benchmarks": "benchmarks"},
     ext_modules=[CMakeExtension("shammie._C")],
     cmdclass={"build_ext": CMakeBuild},
