@@ -28,3 +28,17 @@ def assert_matches_reference(out, ref64, ref_lowp, what="output"):
         f"{what} ({out.dtype}): max error {kernel_err:.3g} > bound {bound:.3g} "
         f"(reference in {out.dtype} errs by {reference_err:.3g}, scale {scale:.3g})"
     )
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def run_example(name, *args, timeout=600):
+    """Run examples/<name> in a subprocess that imports this checkout's shammie (installed or not)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(REPO / "examples" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)

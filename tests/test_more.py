@@ -7,6 +7,7 @@ import torch
 
 import shammie.more as more
 from shammie.reference.monarch import monarch_reference
+from conftest import run_example
 
 transformers = pytest.importorskip("transformers")
 
@@ -199,13 +200,7 @@ def test_impossible_layers_are_clear_errors():
 
 def test_finetune_example_runs(tmp_path):
     pytest.importorskip("peft")
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    example = Path(__file__).resolve().parents[1] / "examples" / "more_finetune.py"
-    result = subprocess.run([sys.executable, str(example), "--steps", "3", "--lrs", "1e-3", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_example("more_finetune.py", "--steps", 3, "--lrs", "1e-3", "--device", "cpu", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("GPT-2", "BERT"))]
     assert len(rows) == 4 and sum("MoRe" in r for r in rows) == 2 and sum("LoRA" in r for r in rows) == 2
