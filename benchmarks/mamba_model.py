@@ -2,7 +2,10 @@
 offline), prefill and greedy generation in tokens/s, on transformers' own torch path and inside
 `use_shammie_kernels()`, side by side in one process.
 
-    python -m shammie.benchmarks.mamba_model [--device cpu] [--prompt 512] [--new-tokens 32] [--batch 1]
+    python -m shammie.benchmarks.mamba_model [--device cpu] [--prompt 512] [--new-tokens 32] [--batch 1] [--threads N]
+
+On a shared, loaded CPU pass --threads 1: with more threads than free cores every small parallel op waits
+for a descheduled worker (milliseconds per op), which swamps a decode step on both paths.
 """
 
 from __future__ import annotations
@@ -66,10 +69,14 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = run(device, dtype, args.batch, args.prompt, args.new_tokens, args.repeats)
-    print(f"MambaForCausalLM, Mamba-130M config, random weights, {args.dtype} on {device}, batch {args.batch}: "
+    print(f"MambaForCausalLM, Mamba-130M config, random weights, {args.dtype} on {device}, batch {args.batch}, "
+          f"{torch.get_num_threads()} CPU threads: "
           f"prefill {args.prompt} tokens, generate {args.new_tokens} tokens after a 16-token prompt")
     for r in rows:
         print(f"  {r['path']:<13} prefill {r['prefill_tok_s']:10.1f} tok/s   generate {r['generate_tok_s']:8.1f} tok/s")
