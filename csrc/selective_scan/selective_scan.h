@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "common/host_device.h"
 
@@ -43,6 +44,16 @@ struct ScanArgs {
   at::Tensor D, delta_bias;         // (dim,), accumulation dtype (zeros when absent)
   at::Tensor checkpoints;           // (batch, dim, num_checkpoints, N), accumulation dtype
 };
+
+// Calls fn(std::bool_constant<B variable>, std::bool_constant<C variable>), so kernels are compiled
+// once per form of B and C (shared by the CPU and CUDA launchers).
+template <typename Fn>
+void with_bc_forms(bool B_variable, bool C_variable, Fn&& fn) {
+  if (B_variable && C_variable) fn(std::true_type{}, std::true_type{});
+  else if (B_variable) fn(std::true_type{}, std::false_type{});
+  else if (C_variable) fn(std::false_type{}, std::true_type{});
+  else fn(std::false_type{}, std::false_type{});
+}
 
 struct ScanForwardArgs {
   ScanArgs in;

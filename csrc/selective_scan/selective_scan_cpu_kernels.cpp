@@ -391,14 +391,6 @@ void backward_block(const ssm::ScanBackwardArgs& args, const Block& blk, Channel
 // ---------------------------------------------------------------------------------------------
 // Dispatch over dtype and the B / C forms; the item loops.
 
-template <typename Fn>
-void with_bc_forms(bool B_variable, bool C_variable, Fn&& fn) {
-  if (B_variable && C_variable) fn(std::true_type{}, std::true_type{});
-  else if (B_variable) fn(std::true_type{}, std::false_type{});
-  else if (C_variable) fn(std::false_type{}, std::true_type{});
-  else fn(std::false_type{}, std::false_type{});
-}
-
 template <typename acc_t>
 constexpr int lanes() { return 64 / sizeof(acc_t); }   // one AVX-512 register
 
@@ -407,7 +399,7 @@ void forward_typed(const ssm::ScanForwardArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int W = lanes<acc_t>();
   const Layout lay = Layout::of<W>(args.in);
-  with_bc_forms(args.in.B_variable, args.in.C_variable, [&](auto Bv, auto Cv) {
+  ssm::with_bc_forms(args.in.B_variable, args.in.C_variable, [&](auto Bv, auto Cv) {
     const int64_t items = lay.batch * lay.groups * lay.blocks_per_group;
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -439,7 +431,7 @@ void backward_typed(const ssm::ScanBackwardArgs& args) {
   at::Tensor part_B = a.B_variable ? at::zeros({lay.batch, lay.groups, slabs, lay.L, lay.N}, a.A.options()) : at::Tensor();
   at::Tensor part_C = a.C_variable ? at::zeros({lay.batch, lay.groups, slabs, lay.L, lay.N}, a.A.options()) : at::Tensor();
   ChannelGrads<acc_t> channel_grads(a, lay.batch);
-  with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
+  ssm::with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
     const int64_t items = lay.batch * lay.groups * slabs;
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

@@ -342,14 +342,6 @@ ScanParams<scalar_t, acc_t> make_params(const ScanArgs& a, const LaunchShape& sh
   return p;
 }
 
-template <typename Launch>
-void with_bc_forms(bool B_variable, bool C_variable, Launch&& launch) {
-  if (B_variable && C_variable) launch(std::true_type{}, std::true_type{});
-  else if (B_variable) launch(std::true_type{}, std::false_type{});
-  else if (C_variable) launch(std::false_type{}, std::true_type{});
-  else launch(std::false_type{}, std::false_type{});
-}
-
 inline unsigned num_blocks(const ScanArgs& a, const LaunchShape& shape) {
   const int64_t blocks = a.batch * ((a.dim + shape.cpb - 1) / shape.cpb);
   TORCH_CHECK(blocks < (int64_t(1) << 31), "selective_scan: batch · dim is too large for one launch");
