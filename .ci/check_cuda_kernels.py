@@ -14,6 +14,7 @@ OPS = [
     "selective_state_update",
     "selective_scan",
     "selective_scan_backward",
+    "tree_frechet_topk",
 ]
 
 info = shammie.build_info()
