@@ -2,15 +2,18 @@
 locus and next_class; expected squared distance; bad input; WordNet (skipped without wordnet-base
 and timm's synset lists)."""
 
-import networkx as nx
 import numpy as np
 import pytest
-import scipy.sparse
-import torch
 
-from shammie.loki import DenseMetric, EmbeddingMetric, GraphMetric, Loki, TreeMetric, expected_squared_distance, wordnet
-from tests.conftest import DTYPES
-from tests.test_tree_frechet import check_topk, nx_distances, random_tree
+nx = pytest.importorskip("networkx")
+pytest.importorskip("scipy")
+import scipy.sparse  # noqa: E402
+import torch  # noqa: E402
+
+from shammie.loki import (DenseMetric, EmbeddingMetric, GraphMetric, Loki, TreeMetric,  # noqa: E402
+                          expected_squared_distance, wordnet)
+from tests.conftest import DTYPES  # noqa: E402
+from tests.test_tree_frechet import check_topk, nx_distances, random_tree  # noqa: E402
 
 
 def random_graph(n, seed):
