@@ -7,6 +7,7 @@ ContinuousLabelModel is the Gaussian (regression) case: |Σ_ay| = sqrt(O_ab·O_a
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -229,20 +230,34 @@ class MetricLabelModel:
             E = torch.einsum("ayj,byj->ab", Pr @ D, Pr) / N
             return E, (Pr * D).sum(2).mean(1)
 
-        log_theta = theta0.clamp_min(1e-6).log().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([log_theta], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
+        def model_ed2(theta):
+            return (torch.softmax(-theta[:, None, None] * D, dim=2) * D).sum(2).mean(1)
+
+        # θ = exp(z) with z in [lo, hi] (a sigmoid keeps a saturated LF from running off), started where each
+        # LF's model E d² equals its triplet estimate (a monotone 1-D inversion, by bisection)
+        lo, hi = math.log(1e-3 / scale), math.log(1e3 / scale)
+        ed2_0 = (1.0 / theta0).clamp(float(model_ed2(torch.full((1,), math.exp(hi)))[0]),
+                                     float(model_ed2(torch.full((1,), math.exp(lo)))[0]))
+        a, b = torch.full_like(ed2_0, lo), torch.full_like(ed2_0, hi)
+        for _ in range(50):
+            mid = 0.5 * (a + b)
+            high = model_ed2(mid.exp()) > ed2_0  # E d² too high: θ must grow
+            a, b = torch.where(high, mid, a), torch.where(high, b, mid)
+        z0 = (0.5 * (a + b) - lo) / (hi - lo)
+        z = torch.logit(z0.clamp(1e-6, 1 - 1e-6)).clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([z], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
                                 line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            E, _ = model(log_theta.exp())
+            E, _ = model((lo + (hi - lo) * torch.sigmoid(z)).exp())
             loss = (((E - target) / scale) ** 2 * use).sum()
             loss.backward()
             return loss
 
         with torch.enable_grad():
             opt.step(closure)
-        theta = log_theta.detach().exp()
+        theta = (lo + (hi - lo) * torch.sigmoid(z.detach())).exp()
         theta = torch.where(voting, theta, torch.zeros_like(theta))
         return theta, model(theta)[1]
 
