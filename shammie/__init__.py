@@ -10,6 +10,7 @@ from shammie.causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa
 from shammie.mamba_inner import mamba_inner_fn  # noqa: E402
 from shammie.monarch import blockdiag_butterfly_multiply  # noqa: E402
 from shammie.selective_scan import selective_scan_fn, selective_state_update  # noqa: E402
+from shammie.tree_frechet import tree_frechet_topk  # noqa: E402
 
 
 def build_info() -> dict:
@@ -24,4 +25,4 @@ def build_info() -> dict:
 
 
 __all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
-           "mamba_inner_fn", "selective_scan_fn", "selective_state_update"]
+           "mamba_inner_fn", "selective_scan_fn", "selective_state_update", "tree_frechet_topk"]

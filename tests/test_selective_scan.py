@@ -141,6 +141,22 @@ def test_opcheck_and_compile(device):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("bc", ["variable", "constant"])
+def test_backward_is_deterministic_across_threads(bc):
+    # Per-channel gradients (dA, dD, ...) sum over the batch, whose items run on different threads.
+    inputs = make(8, 16, 70, 8, bc=bc)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        first = gradients(shammie.selective_scan_fn, inputs, True)
+        for _ in range(10):
+            again = gradients(shammie.selective_scan_fn, inputs, True)
+            for name in first:
+                assert torch.equal(first[name], again[name]), f"grad {name} changed between identical runs"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_non_contiguous_inputs():
     inputs = make(2, 8, 33, 16)
     strided = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if k in ("u", "delta", "z", "B", "C") else v

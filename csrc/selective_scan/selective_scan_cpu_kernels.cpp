@@ -312,8 +312,33 @@ void backward_sub_chunk(const ssm::ScanBackwardArgs& args, const Block& blk, con
   if (a.z) scatter<W>(dz, blk, L, s.t0, steps, args.dz->mutable_data_ptr<scalar_t>() + row0);
 }
 
+// Per-channel gradients (dA, constant dB / dC, dD, ddelta_bias) are sums over the batch, and the
+// batches of one channel run on different threads: each batch gets its own slice, summed afterwards.
+template <typename acc_t>
+struct ChannelGrads {
+  at::Tensor A, B, C, D, bias;   // (batch, dim, N) x3, (batch, dim) x2
+
+  ChannelGrads(const ssm::ScanArgs& a, int64_t batch) {
+    const auto opts = a.A.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    A = at::zeros({batch, a.dim, a.dstate}, opts);
+    B = a.B_variable ? at::Tensor() : at::zeros({batch, a.dim, a.dstate}, opts);
+    C = a.C_variable ? at::Tensor() : at::zeros({batch, a.dim, a.dstate}, opts);
+    D = at::zeros({batch, a.dim}, opts);
+    bias = at::zeros({batch, a.dim}, opts);
+  }
+  static acc_t* slice(at::Tensor& t, int64_t b) { return t.defined() ? t.mutable_data_ptr<acc_t>() + b * (t.numel() / t.size(0)) : nullptr; }
+  void write_sums(const ssm::ScanBackwardArgs& args) {
+    args.dA.add_(A.sum(0));
+    if (B.defined()) args.dB.add_(B.sum(0));
+    if (C.defined()) args.dC.add_(C.sum(0));
+    args.dD.add_(D.sum(0));
+    args.ddelta_bias.add_(bias.sum(0));
+  }
+};
+
 template <int W, bool kBvar, bool kCvar, typename scalar_t, typename acc_t>
-void backward_block(const ssm::ScanBackwardArgs& args, const Block& blk, acc_t* dB_rows, acc_t* dC_rows) {
+void backward_block(const ssm::ScanBackwardArgs& args, const Block& blk, ChannelGrads<acc_t>& out, acc_t* dB_rows,
+                    acc_t* dC_rows) {
   const ssm::ScanArgs& a = args.in;
   const int64_t L = a.seqlen, N = a.dstate, interval = ssm::checkpoint_interval(N), n_cp = a.checkpoints.size(2);
   const int64_t subs_per_interval = interval / kSubChunk;
@@ -345,14 +370,16 @@ void backward_block(const ssm::ScanBackwardArgs& args, const Block& blk, acc_t* 
       backward_sub_chunk<W, kBvar, kCvar>(args, blk, p, s, hist.data(), y, gr, dB_rows, dC_rows);
     }
   }
-  // Per-channel gradients: each channel belongs to exactly one item, so plain stores.
-  acc_t* dA = args.dA.mutable_data_ptr<acc_t>();
-  acc_t* dB = args.dB.mutable_data_ptr<acc_t>();
-  acc_t* dC = args.dC.mutable_data_ptr<acc_t>();
+  // This batch's slice of the per-channel gradients: each (batch, channel) belongs to one item.
+  acc_t* dA = ChannelGrads<acc_t>::slice(out.A, blk.b);
+  acc_t* dB = ChannelGrads<acc_t>::slice(out.B, blk.b);
+  acc_t* dC = ChannelGrads<acc_t>::slice(out.C, blk.b);
+  acc_t* dD = ChannelGrads<acc_t>::slice(out.D, blk.b);
+  acc_t* dbias = ChannelGrads<acc_t>::slice(out.bias, blk.b);
   for (int64_t c = 0; c < blk.count; ++c) {
     const int64_t d = blk.d0 + c;
-    args.dD.mutable_data_ptr<acc_t>()[d] += gr.dD[c];
-    args.ddelta_bias.mutable_data_ptr<acc_t>()[d] += gr.dbias[c];
+    dD[d] += gr.dD[c];
+    dbias[d] += gr.dbias[c];
     for (int64_t n = 0; n < N; ++n) {
       dA[d * N + n] += gr.dA[n * W + c];
       if (!kBvar) dB[d * N + n] += gr.dB[n * W + c];
@@ -411,6 +438,7 @@ void backward_typed(const ssm::ScanBackwardArgs& args) {
   // (batch, groups, slabs, L, N) partial sums for each variable one.
   at::Tensor part_B = a.B_variable ? at::zeros({lay.batch, lay.groups, slabs, lay.L, lay.N}, a.A.options()) : at::Tensor();
   at::Tensor part_C = a.C_variable ? at::zeros({lay.batch, lay.groups, slabs, lay.L, lay.N}, a.A.options()) : at::Tensor();
+  ChannelGrads<acc_t> channel_grads(a, lay.batch);
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
     const int64_t items = lay.batch * lay.groups * slabs;
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -421,10 +449,11 @@ void backward_typed(const ssm::ScanBackwardArgs& args) {
         const int64_t k_end = std::min(lay.blocks_per_group, (slab + 1) * blocks_per_slab);
         for (int64_t k = slab * blocks_per_slab; k < k_end; ++k)
           backward_block<W, decltype(Bv)::value, decltype(Cv)::value, scalar_t, acc_t>(
-              args, lay.block(b, g, k, W), dB_rows, dC_rows);
+              args, lay.block(b, g, k, W), channel_grads, dB_rows, dC_rows);
       }
     });
   });
+  channel_grads.write_sums(args);
   if (a.B_variable) args.dB.copy_(part_B.sum(2));
   if (a.C_variable) args.dC.copy_(part_C.sum(2));
 }

@@ -22,17 +22,17 @@ using namespace shammie::ssm;
 
 void forward_cuda(const ScanForwardArgs& a) {
   switch (a.in.u.scalar_type()) {
-    case at::kHalf: return cuda::scan_forward_half(a);
-    case at::kBFloat16: return cuda::scan_forward_bfloat16(a);
-    default: return cuda::scan_forward_float(a);
+    case at::kHalf: return shammie::ssm::cuda::scan_forward_half(a);
+    case at::kBFloat16: return shammie::ssm::cuda::scan_forward_bfloat16(a);
+    default: return shammie::ssm::cuda::scan_forward_float(a);
   }
 }
 
 void backward_cuda(const ScanBackwardArgs& a) {
   switch (a.in.u.scalar_type()) {
-    case at::kHalf: return cuda::scan_backward_half(a);
-    case at::kBFloat16: return cuda::scan_backward_bfloat16(a);
-    default: return cuda::scan_backward_float(a);
+    case at::kHalf: return shammie::ssm::cuda::scan_backward_half(a);
+    case at::kBFloat16: return shammie::ssm::cuda::scan_backward_bfloat16(a);
+    default: return shammie::ssm::cuda::scan_backward_float(a);
   }
 }
 

@@ -1,0 +1,94 @@
+"""Shared argument checks of the Loki metrics and the calls into the dense search ops."""
+
+from __future__ import annotations
+
+import torch
+
+import shammie
+
+
+def check_probs(probs: torch.Tensor, num_observed: int) -> torch.Tensor:
+    """probs (B, K) or (K,): floating, finite, non-negative, each row with a positive sum."""
+    if not isinstance(probs, torch.Tensor):
+        raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
+    if probs.dim() == 1:
+        probs = probs.unsqueeze(0)
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be (batch, num_observed) or (num_observed,), got shape {tuple(probs.shape)}")
+    if not probs.is_floating_point():
+        raise TypeError(f"probs must be a floating tensor, got {probs.dtype}")
+    if probs.shape[1] != num_observed:
+        raise ValueError(f"probs has {probs.shape[1]} columns but there are {num_observed} observed labels (K mismatch)")
+    if probs.numel():
+        # Two reductions instead of one pass per condition: NaN and inf propagate into the row sums.
+        rows, low = probs.sum(dim=1), probs.amin()
+        if not bool(torch.isfinite(rows).all()) or bool(torch.isnan(low)):
+            raise ValueError("probs must be finite (found NaN or inf)")
+        if bool(low < 0):
+            raise ValueError("probs must be non-negative (found a negative weight)")
+        if bool((rows <= 0).any()):
+            raise ValueError("each row of probs must have a positive sum")
+    return probs
+
+
+def check_labels(ids, num_labels: int, name: str) -> torch.Tensor:
+    """A LongTensor (n,) of label ids in [0, num_labels)."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be a 1-D integer tensor of label ids, got {ids.dtype} of shape {tuple(ids.shape)}")
+    ids = ids.long()
+    if ids.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_labels:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds label id {bad}, out of range for {num_labels} labels")
+    return ids
+
+
+def candidate_mask(candidates, num_labels: int) -> torch.Tensor | None:
+    """A bool mask (N,) from None, a bool mask or an index tensor (checked)."""
+    if candidates is None:
+        return None
+    candidates = torch.as_tensor(candidates)
+    if candidates.dtype == torch.bool:
+        if candidates.shape != (num_labels,):
+            raise ValueError(f"a candidates mask must have shape ({num_labels},), got {tuple(candidates.shape)}")
+        return candidates.cpu()
+    ids = check_labels(candidates, num_labels, "candidates").cpu()
+    mask = torch.zeros(num_labels, dtype=torch.bool)
+    mask[ids] = True
+    return mask
+
+
+def check_k(k: int, mask: torch.Tensor | None, num_labels: int) -> None:
+    n = num_labels if mask is None else int(mask.sum())
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > n:
+        raise ValueError(f"k = {k} exceeds the number of candidates ({n})")
+
+
+def _sorted_topk(scores: torch.Tensor, mask, k: int):
+    if mask is not None:
+        scores = scores.masked_fill(~mask.to(scores.device), float("inf"))
+    values, indices = torch.sort(scores, dim=1, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
+def frechet_topk(probs: torch.Tensor, sq_dists: torch.Tensor, k: int, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """k smallest of probs @ sq_dists over the candidates: shammie's dense op when this build has it."""
+    if hasattr(shammie, "frechet_topk"):
+        return shammie.frechet_topk(probs, sq_dists.to(probs.dtype), k=k, candidates=mask)
+    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    values, indices = _sorted_topk(probs.to(acc) @ sq_dists.to(device=probs.device, dtype=acc), mask, k)
+    return values.to(probs.dtype), indices
+
+
+def gemm_bias_topk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, mask):
+    """k smallest of bias + x @ w over the candidates: shammie's fused op when this build has it."""
+    if hasattr(shammie, "gemm_bias_topk"):
+        return shammie.gemm_bias_topk(x, w, bias, k=k, candidates=mask)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    values, indices = _sorted_topk(bias.to(acc) + x.to(acc) @ w.to(acc), mask, k)
+    return values.to(x.dtype), indices
