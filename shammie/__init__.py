@@ -7,6 +7,7 @@ from shammie.version import __version__
 _C = _load_extension()
 
 from shammie.causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: E402
+from shammie.frechet import frechet_topk, gemm_bias_topk  # noqa: E402
 from shammie.mamba_inner import mamba_inner_fn  # noqa: E402
 from shammie.monarch import blockdiag_butterfly_multiply  # noqa: E402
 from shammie.selective_scan import selective_scan_fn, selective_state_update  # noqa: E402
@@ -25,4 +26,5 @@ def build_info() -> dict:
 
 
 __all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
+           "frechet_topk", "gemm_bias_topk",
            "mamba_inner_fn", "selective_scan_fn", "selective_state_update", "tree_frechet_topk"]

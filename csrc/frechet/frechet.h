@@ -1,0 +1,64 @@
+// Fréchet-mean search (Loki): the k best labels y of the score
+//   s_b(y) = bias[y] + Σ_j x[b, j] · w[j, y]        (frechet_topk: x = probs, w = sq_dists, no bias)
+// over the candidate labels, smallest first (or largest first), ties to the lowest label id, with no
+// (B, N) score matrix: kernels compute tiles of scores and fold each into a running top-k per row.
+// This header holds what the CPU and CUDA kernels share: the top-k order and insertion, the
+// argument struct and the front end.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "common/host_device.h"
+
+namespace shammie::frechet {
+
+// No label: the id of an empty top-k slot, which every real (key, label) beats.
+constexpr int64_t kNoLabel = INT64_MAX;
+
+// The order of the running top-k: smaller key first, ties to the lower label. Keys are the scores,
+// negated when the largest are wanted. A NaN key is never better than anything, so NaN scores are
+// never chosen (a slot stays empty, label kNoLabel, only when a row has fewer than k non-NaN scores).
+template <typename T>
+SHAMMIE_HD bool better(T key, int64_t label, T other_key, int64_t other_label) {
+  return key < other_key || (key == other_key && label < other_label);
+}
+
+// Inserts (key, label) into the sorted top-k list (keys[0] best) if it beats the last entry.
+template <typename T>
+SHAMMIE_HD void insert(T* keys, int64_t* labels, int64_t k, T key, int64_t label) {
+  if (!better(key, label, keys[k - 1], labels[k - 1])) return;
+  int64_t i = k - 1;
+  while (i > 0 && better(key, label, keys[i - 1], labels[i - 1])) {
+    keys[i] = keys[i - 1];
+    labels[i] = labels[i - 1];
+    --i;
+  }
+  keys[i] = key;
+  labels[i] = label;
+}
+
+struct Args {
+  int64_t batch, inner, labels, count, k;  // B, K, N, number of candidates, k
+  bool largest;
+  at::Tensor x;                          // (B, K), contiguous
+  at::Tensor w;                          // (K, N), contiguous (sq_dists; never copied when it already is)
+  std::optional<at::Tensor> bias;        // (N,), contiguous
+  std::optional<at::Tensor> candidates;  // (count,) int64 label ids, sorted and unique; none: all N labels
+  at::Tensor values;                     // (B, k), x's dtype
+  at::Tensor indices;                    // (B, k), int64
+};
+
+using Kernel = void (*)(const Args&);
+
+std::tuple<at::Tensor, at::Tensor> gemm_bias_topk(const at::Tensor& x, const at::Tensor& w,
+                                                  const std::optional<at::Tensor>& bias, int64_t k,
+                                                  const std::optional<at::Tensor>& candidates, bool largest,
+                                                  Kernel kernel);
+std::tuple<at::Tensor, at::Tensor> frechet_topk(const at::Tensor& probs, const at::Tensor& sq_dists, int64_t k,
+                                                const std::optional<at::Tensor>& candidates, Kernel kernel);
+
+}  // namespace shammie::frechet

@@ -1,0 +1,81 @@
+"""Fréchet-mean search (Loki): the public functions and fakes. Kernels: csrc/frechet/.
+
+frechet_topk returns, for each row b of probs (B, K), the k labels y with the smallest
+f_b(y) = Σ_j probs[b, j] · sq_dists[j, y] over the candidate labels; gemm_bias_topk the k smallest (or
+largest) of bias[y] + Σ_j x[b, j] · w[j, y]. Values ascend (descend for largest), ties go to the lowest
+label id, and the (B, N) score matrix is never built. No autograd: these are searches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def frechet_topk(probs: torch.Tensor, sq_dists: torch.Tensor, k: int = 1,
+                 candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k labels minimizing Σ_j probs[b, j] · sq_dists[j, y], as (values, indices), each (B, k).
+
+    probs (B, K) must be non-negative with no NaN; sq_dists (K, N) holds squared distances from the K
+    observed classes to the N labels. candidates restricts the search: a bool mask (N,) or int64 label
+    ids. float32, float16 and bfloat16 accumulate in float32, float64 in float64; values come back in
+    the inputs' dtype, indices as int64.
+    """
+    return torch.ops.shammie.frechet_topk(probs, sq_dists, k, candidates)
+
+
+def gemm_bias_topk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, k: int = 1,
+                   candidates: torch.Tensor | None = None,
+                   largest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest (largest=True: largest) of bias[y] + Σ_j x[b, j] · w[j, y] over the candidate
+    labels y, as (values, indices), each (B, k); x (B, K), w (K, N), bias (N,). NaN scores are never
+    chosen. frechet_topk is this with no bias."""
+    return torch.ops.shammie.gemm_bias_topk(x, w, bias, k, candidates, largest)
+
+
+def _check(op: str, x, w, bias, k, candidates) -> None:
+    """The metadata checks of csrc/frechet/frechet.cpp, for fake tensors (value checks run in the op)."""
+    xname, wname = ("probs", "sq_dists") if op == "frechet_topk" else ("x", "w")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: {xname} must be 2-D (B, K), got a tensor of shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATING:
+        raise TypeError(f"{op}: {xname} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"{op}: {wname} must be 2-D (K, N), got a tensor of shape {tuple(w.shape)}")
+    for name, t in ((wname, w), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have the same dtype as {xname} ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} must be on the same device as {xname} ({x.device}), got {t.device}")
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(f"{op}: {xname} is (B, K) = {tuple(x.shape)} and {wname} is (K, N) = {tuple(w.shape)}: "
+                         "their K must match")
+    if bias is not None and tuple(bias.shape) != (w.shape[1],):
+        raise ValueError(f"{op}: bias must have shape (N,) = ({w.shape[1]},), got {tuple(bias.shape)}")
+    if k < 1:
+        raise ValueError(f"{op}: k must be at least 1, got {k}")
+    if candidates is not None and candidates.dtype not in (torch.bool, torch.int64):
+        raise TypeError(f"{op}: candidates must be a bool mask or an int64 (long) tensor of label ids, "
+                        f"got {candidates.dtype}")
+    count = w.shape[1] if candidates is None or candidates.dtype == torch.bool else candidates.numel()
+    if k > count:
+        raise ValueError(f"{op}: k = {k} is more than the number of candidate labels ({count})")
+
+
+def _outputs(x, k):
+    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.int64)
+
+
+@torch.library.register_fake("shammie::frechet_topk")
+def _(probs, sq_dists, k, candidates):
+    _check("frechet_topk", probs, sq_dists, None, k, candidates)
+    return _outputs(probs, k)
+
+
+@torch.library.register_fake("shammie::gemm_bias_topk")
+def _(x, w, bias, k, candidates, largest):
+    _check("gemm_bias_topk", x, w, bias, k, candidates)
+    return _outputs(x, k)
