@@ -21,7 +21,7 @@ import time
 import torch
 
 from shammie.ws import (ContinuousLabelModel, MetricLabelModel, RankingMetric, expected_sq_dists, majority_vote,
-                        sample_lfs)
+                        sample_lfs, sq_block)
 
 IDENTITIES = ("additive", "inner", "model")
 
@@ -41,7 +41,7 @@ def line_sq_dists(N=21):
 
 
 def sq_dist_matrix(metric):
-    return metric if isinstance(metric, torch.Tensor) else metric.sq_dists()
+    return metric if isinstance(metric, torch.Tensor) else sq_block(metric)
 
 
 def best_single_lf(D, L, y):

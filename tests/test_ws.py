@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shammie.ws import (ContinuousLabelModel, MetricLabelModel, RankingMetric, expected_sq_dists, majority_vote,
-                        pseudo_euclidean_embedding, sample_lfs)
+                        pseudo_euclidean_embedding, sample_lfs, sq_block)
 
 
 def tree_sq_dists(branching=3, depth=3):
@@ -33,7 +33,7 @@ SPACES = {
 
 
 def sq_err(metric, a, b):
-    D = metric if isinstance(metric, torch.Tensor) else metric.sq_dists()
+    D = metric if isinstance(metric, torch.Tensor) else sq_block(metric)
     return D[a, b].mean().item()
 
 
@@ -115,10 +115,10 @@ def test_ranking_metric_is_kendall_tau():
                              for a, b in itertools.combinations(range(4), 2)) for q in perms] for p in perms],
                        dtype=torch.float32)
     torch.testing.assert_close(R.dists(), ref)
-    torch.testing.assert_close(R.sq_dists([1, 5], [0, 23]), ref[[1, 5]][:, [0, 23]] ** 2)
+    torch.testing.assert_close(R.sq_dists(torch.tensor([1, 5])), ref[[1, 5]] ** 2)
     ids = torch.arange(24)
     assert torch.equal(R.perms_to_ids(R.ids_to_perms(ids)), ids)
-    torch.testing.assert_close(R.sq_dist_pairs(ids, ids.flip(0)), ref[ids, ids.flip(0)] ** 2)
+    torch.testing.assert_close(R.distance(ids, ids.flip(0)), ref[ids, ids.flip(0)].double())
     with pytest.raises(ValueError, match="n_items"):
         RankingMetric(9)
 
@@ -126,7 +126,7 @@ def test_ranking_metric_is_kendall_tau():
 @pytest.mark.parametrize("anchor", [None, 0, 3])
 def test_pseudo_euclidean_embedding_is_isometric(anchor):
     g = torch.Generator().manual_seed(3)
-    D = RankingMetric(4).sq_dists().double()  # squared Kendall: not Euclidean, needs a negative part
+    D = sq_block(RankingMetric(4))  # squared Kendall: not Euclidean, needs a negative part
     D2 = torch.rand(9, 9, generator=g, dtype=torch.float64)
     D2 = (D2 + D2.T).fill_diagonal_(0)
     for M in (D, D2, tree_sq_dists(2, 3).double()):
@@ -218,3 +218,33 @@ def test_fit_on_exact_moments_of_binary_case():
     for identity in ("inner", "model"):
         lm = MetricLabelModel(D, identity=identity).fit(L)
         torch.testing.assert_close(lm.expected_sq_dists_, true, atol=0.01, rtol=0)
+
+
+def test_every_loki_metric_gives_the_same_model():
+    """Dense, tree, graph and embedding metrics of one label space give the same θ and pseudolabels."""
+    from shammie.loki import DenseMetric, EmbeddingMetric, GraphMetric, TreeMetric
+
+    # a complete ternary tree of depth 2 (13 nodes; every node is a label), its edges as a graph
+    parent = torch.tensor([-1, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    tree = TreeMetric(parent)
+    edges = torch.stack([torch.arange(1, 13), parent[1:]], 1)
+    graph = GraphMetric(edges.numpy(), num_nodes=13)
+    D = sq_block(tree)
+    line = torch.arange(13, dtype=torch.float64)[:, None]
+    theta = torch.tensor([0.6, 0.4, 0.2, 0.5])
+    L, y = sample_lfs(D, theta, 3000, abstain=0.1, generator=torch.Generator().manual_seed(8))
+    ref = MetricLabelModel(D).fit(L)
+    for metric in (tree, graph, DenseMetric(D, squared=True)):
+        torch.testing.assert_close(sq_block(metric), D)
+        lm = MetricLabelModel(metric).fit(L)
+        torch.testing.assert_close(lm.accuracies(), ref.accuracies())
+        assert torch.equal(lm.predict(L), ref.predict(L))
+        # second places may tie (integer tree distances): compare the objective values
+        torch.testing.assert_close(lm.predict(L, k=2, return_values=True)[1].float(),
+                                   ref.predict(L, k=2, return_values=True)[1].float())
+    emb = EmbeddingMetric(line)
+    De = (line - line.T) ** 2
+    Le, _ = sample_lfs(De, torch.tensor([0.3, 0.2, 0.1, 0.25]), 2000, generator=torch.Generator().manual_seed(9))
+    a, b = MetricLabelModel(emb).fit(Le), MetricLabelModel(De).fit(Le)
+    torch.testing.assert_close(a.accuracies(), b.accuracies())
+    assert torch.equal(a.predict(Le), b.predict(Le))

@@ -6,8 +6,8 @@
 """
 
 from shammie.ws.label_model import ContinuousLabelModel, MetricLabelModel, majority_vote
-from shammie.ws.metric import RankingMetric, as_metric, frechet_search, pseudo_euclidean_embedding
+from shammie.ws.metric import RankingMetric, as_metric, frechet_search, pseudo_euclidean_embedding, sq_block
 from shammie.ws.synthetic import expected_sq_dists, sample_lfs
 
 __all__ = ["ContinuousLabelModel", "MetricLabelModel", "RankingMetric", "as_metric", "expected_sq_dists",
-           "frechet_search", "majority_vote", "pseudo_euclidean_embedding", "sample_lfs"]
+           "frechet_search", "majority_vote", "pseudo_euclidean_embedding", "sample_lfs", "sq_block"]

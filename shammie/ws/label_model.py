@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from shammie.ws.metric import as_metric, frechet_search, num_labels, pseudo_euclidean_embedding
+from shammie.ws.metric import as_metric, frechet_search, pseudo_euclidean_embedding, sq_block
 
 __all__ = ["ContinuousLabelModel", "MetricLabelModel", "majority_vote"]
 
@@ -80,7 +80,8 @@ def majority_vote(L: torch.Tensor, n_labels: int | None = None) -> torch.Tensor:
 class MetricLabelModel:
     """Triplet-method label model over any finite metric label space.
 
-    metric: a Loki metric, a RankingMetric, any object with ``num_labels`` and ``sq_dists(rows, cols)``,
+    metric: a shammie.loki metric (Dense, Tree, Graph, Embedding), a RankingMetric, any object with their
+    interface (``num_labels``, ``sq_dists(rows)``, ``frechet_topk``; see shammie.ws.metric),
     or an (N, N) tensor of squared distances.
     aggregate: "median" (default) or "mean" over the triplets (b, c) that estimate E d²(λ_a, y).
     identity:
@@ -112,20 +113,20 @@ class MetricLabelModel:
         if not (0 < clip[0] < clip[1]):
             raise ValueError(f"clip: expected 0 < lo < hi, got {clip}")
         self.metric = as_metric(metric)
-        self.num_labels = num_labels(self.metric)
+        self.num_labels = int(self.metric.num_labels)
         self.aggregate, self.identity, self.clip, self.min_overlap = aggregate, identity, clip, min_overlap
         self.theta_ = None
         self.expected_sq_dists_ = None
 
     # -- estimation -----------------------------------------------------------------------------------
     def _sq(self, rows, cols, device, dtype):
-        return self.metric.sq_dists(rows, cols).to(device=device, dtype=dtype)
+        return sq_block(self.metric, rows, cols, device, dtype)
 
     def _pairwise_sq_means(self, L, observed, local, M, dtype):
         """S[a, b] = Σ over co-voting rows of d²(λ_a, λ_b), batched over row chunks."""
         n, m = L.shape
         S = torch.zeros(m, m, dtype=dtype, device=L.device)
-        dense = observed.numel() <= _DENSE_MAX or not hasattr(self.metric, "sq_dist_pairs")
+        dense = observed.numel() <= _DENSE_MAX or not hasattr(self.metric, "distance")
         D = self._sq(observed, observed, L.device, dtype) if dense else None
         starts, step = _row_chunks(n, m * m)
         for s in starts:
@@ -135,8 +136,8 @@ class MetricLabelModel:
                 d2 = D[li[:, :, None], li[:, None, :]]
             else:
                 ids = L[s:s + step].clamp_min(0)
-                d2 = self.metric.sq_dist_pairs(ids[:, :, None].expand(-1, m, m), ids[:, None, :].expand(-1, m, m))
-                d2 = d2.to(dtype)
+                a, b = ids[:, :, None].expand(-1, m, m).flatten(), ids[:, None, :].expand(-1, m, m).flatten()
+                d2 = self.metric.distance(a, b).to(device=L.device, dtype=dtype).square().view(-1, m, m)
             S += (d2 * both).sum(0)
         return S, D
 
@@ -310,9 +311,11 @@ class MetricLabelModel:
         if k < 1:
             raise ValueError(f"k: expected k >= 1, got {k}")
         W, observed, has_vote = self._weights(L)
-        values, ids = frechet_search(self.metric, W, observed, k=k, candidates=candidates)
-        ids = torch.where(has_vote[:, None], ids, torch.full_like(ids, -1))
-        values = torch.where(has_vote[:, None], values, torch.full_like(values, float("nan")))
+        ids = torch.full((W.shape[0], k), -1, dtype=torch.long, device=W.device)
+        values = torch.full((W.shape[0], k), float("nan"), dtype=W.dtype, device=W.device)
+        if bool(has_vote.any()):
+            v, i = frechet_search(self.metric, W[has_vote], observed, k=k, candidates=candidates)
+            ids[has_vote], values[has_vote] = i.to(W.device), v.to(W.dtype)
         if k == 1:
             ids, values = ids[:, 0], values[:, 0]
         return (ids, values) if return_values else ids

@@ -1,14 +1,14 @@
-"""Finite metric label spaces for weak supervision: the metric protocol the label models use, the
-Kendall-tau ranking metric, the pseudo-Euclidean embedding d² = ‖u₊−v₊‖² − ‖u₋−v₋‖², and the weighted
-Fréchet-mean search argmin_y Σ_j w_j·d²(j, y) (on shammie.frechet_topk / a metric's own search).
+"""Finite metric label spaces for weak supervision: the Kendall-tau ranking metric (a Loki metric), the
+pseudo-Euclidean embedding d² = ‖u₊−v₊‖² − ‖u₋−v₋‖², and the weighted Fréchet-mean search
+argmin_y Σ_j w_j·d²(j, y) through a metric's frechet_topk (shammie.frechet_topk underneath).
 
-A metric is any object with
+A metric is a shammie.loki metric (DenseMetric, TreeMetric, GraphMetric, EmbeddingMetric,
+RankingMetric) or any object with the same interface:
 - ``num_labels``: the size N of the label space (labels are ids 0..N-1);
-- ``sq_dists(rows=None, cols=None)``: the (len(rows), len(cols)) matrix of squared distances between
-  label ids (None: all labels).
-It may also have ``frechet_topk(weights, observed, k=1, candidates=None) -> (values, indices)`` (the
-Loki metrics do); otherwise the search runs on ``shammie.frechet_topk`` over ``sq_dists(observed)``.
-A plain (N, N) tensor of squared distances is accepted wherever a metric is.
+- ``sq_dists(rows)``: the (len(rows), N) squared distances from label ids ``rows`` to every label;
+- ``frechet_topk(weights, observed, k=1, candidates=None) -> (values, indices)``;
+- optionally ``distance(a, b)``: elementwise d(a[i], b[i]), used when a (K, K) block would be too big.
+A plain (N, N) tensor of squared distances is accepted wherever a metric is (as a DenseMetric).
 """
 
 from __future__ import annotations
@@ -18,88 +18,70 @@ import math
 
 import torch
 
-__all__ = ["RankingMetric", "as_metric", "frechet_search", "pseudo_euclidean_embedding"]
+from shammie.loki import _search
+from shammie.loki.metrics import DenseMetric, Metric
 
-# Rows of weights searched at once by the torch fallback ((rows, N) scores held at once).
-_SEARCH_ELEMS = 1 << 24
+__all__ = ["RankingMetric", "as_metric", "frechet_search", "pseudo_euclidean_embedding", "sq_block"]
 
-
-class _TensorMetric:
-    """Adapter: a dense (N, N) tensor of squared distances seen through the metric protocol."""
-
-    def __init__(self, sq_dists: torch.Tensor):
-        if sq_dists.dim() != 2 or sq_dists.shape[0] != sq_dists.shape[1]:
-            raise ValueError(f"sq_dists: expected a square (N, N) matrix, got shape {tuple(sq_dists.shape)}")
-        if not sq_dists.is_floating_point():
-            raise TypeError(f"sq_dists: expected a floating dtype, got {sq_dists.dtype}")
-        self.D = sq_dists
-        self.num_labels = sq_dists.shape[0]
-
-    def sq_dists(self, rows=None, cols=None):
-        D = self.D
-        if rows is not None:
-            D = D.index_select(0, torch.as_tensor(rows, device=D.device).long())
-        if cols is not None:
-            D = D.index_select(1, torch.as_tensor(cols, device=D.device).long())
-        return D
+# Elements of a (rows, N) block of squared distances fetched at once.
+_BLOCK_ELEMS = 1 << 24
 
 
 def as_metric(metric):
-    """The metric itself, or a tensor of squared distances wrapped in the metric protocol."""
+    """The metric itself, or an (N, N) tensor of squared distances as a Loki DenseMetric."""
     if isinstance(metric, torch.Tensor):
-        return _TensorMetric(metric)
-    if not hasattr(metric, "sq_dists"):
-        raise TypeError(f"metric: expected an object with sq_dists(rows, cols) and num_labels, or an (N, N) "
-                        f"tensor of squared distances; got {type(metric).__name__}")
+        if metric.dim() != 2 or metric.shape[0] != metric.shape[1]:
+            raise ValueError(f"metric: expected a square (N, N) matrix of squared distances, got shape "
+                             f"{tuple(metric.shape)}")
+        return DenseMetric(metric if metric.is_floating_point() else metric.double(), squared=True)
+    if not (hasattr(metric, "sq_dists") and hasattr(metric, "num_labels")):
+        raise TypeError(f"metric: expected a shammie.loki metric (num_labels, sq_dists(rows), frechet_topk) or an "
+                        f"(N, N) tensor of squared distances; got {type(metric).__name__}")
     return metric
 
 
-def num_labels(metric) -> int:
-    """N of a metric in the protocol (or a Loki metric that names it differently)."""
-    for name in ("num_labels", "n", "num_points"):
-        if hasattr(metric, name):
-            return int(getattr(metric, name))
-    return int(metric.sq_dists(None, None).shape[0])
+def sq_block(metric, rows=None, cols=None, device=None, dtype=torch.float64) -> torch.Tensor:
+    """Squared distances between label ids rows × cols (None: all labels), fetched in row blocks."""
+    N = int(metric.num_labels)
+    rows = torch.arange(N) if rows is None else torch.as_tensor(rows).long().flatten()
+    cols_cpu = None if cols is None else torch.as_tensor(cols).long().flatten()
+    step = max(1, _BLOCK_ELEMS // max(1, N))
+    out = []
+    for s in range(0, max(1, rows.numel()), step):
+        r = rows[s:s + step]
+        if r.numel() == 0:
+            break
+        block = metric.sq_dists(r.to(_device_of(metric)))
+        if cols_cpu is not None:
+            block = block.index_select(1, cols_cpu.to(block.device))
+        out.append(block.to(device=device, dtype=dtype))
+    if not out:
+        return torch.zeros(0, N if cols is None else cols_cpu.numel(), device=device, dtype=dtype)
+    return torch.cat(out)
 
 
-def _torch_frechet_topk(weights, sq_dists, k, candidates):
-    """Reference search: scores = weights @ sq_dists, k smallest per row, ascending, ties to lowest id."""
-    cand = None
-    if candidates is not None:
-        cand = candidates.nonzero().flatten() if candidates.dtype == torch.bool else candidates.long()
-        sq_dists = sq_dists.index_select(1, cand)
-    rows = max(1, _SEARCH_ELEMS // max(1, sq_dists.shape[1]))
-    vals, idx = [], []
-    for s in range(0, weights.shape[0], rows):
-        scores = weights[s:s + rows] @ sq_dists
-        order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        vals.append(scores.gather(1, order))
-        idx.append(order)
-    values = torch.cat(vals) if vals else weights.new_zeros(0, k)
-    indices = torch.cat(idx) if idx else torch.zeros(0, k, dtype=torch.long, device=weights.device)
-    if cand is not None:
-        indices = cand[indices]
-    return values, indices
+def _device_of(metric):
+    for name in ("sq", "emb", "_signs"):
+        t = getattr(metric, name, None)
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
 
 
 def frechet_search(metric, weights, observed, k=1, candidates=None):
     """argmin_y Σ_j weights[:, j]·d²(observed[j], y) over the label space (or candidates), k smallest.
 
-    weights: (B, K) float; observed: (K,) int64 label ids; candidates: None, a bool mask (N,) or an
-    int64 id tensor. Returns (values (B, k), label ids (B, k) int64), ascending, ties to the lowest id.
-    Uses the metric's own search when it has one, else shammie.frechet_topk, else a torch fallback.
+    weights: (B, K) float, non-negative, each row with a positive sum; observed: (K,) int64 label ids;
+    candidates: None, a bool mask (N,) or an int64 id tensor. Returns (values (B, k), label ids (B, k)
+    int64), ascending, ties to the lowest id: the metric's frechet_topk (Loki; shammie.frechet_topk).
     """
     if hasattr(metric, "frechet_topk"):
-        return metric.frechet_topk(weights, observed, k=k, candidates=candidates)
-    D = metric.sq_dists(observed, None).to(device=weights.device, dtype=weights.dtype)
-    import shammie
-
-    if hasattr(shammie, "frechet_topk"):
-        return shammie.frechet_topk(weights, D, k=k, candidates=candidates)
-    return _torch_frechet_topk(weights, D, k, candidates)
+        return metric.frechet_topk(weights, observed, k, candidates)
+    mask = _search.candidate_mask(candidates, int(metric.num_labels))
+    return _search.frechet_topk(weights, sq_block(metric, observed, None, weights.device, weights.dtype), k, mask)
 
 
-class RankingMetric:
+class RankingMetric(Metric):
     """Permutations of n_items with the Kendall tau distance (number of discordant item pairs).
 
     Label id i is the i-th permutation in lexicographic order (``itertools.permutations``), a
@@ -140,14 +122,16 @@ class RankingMetric:
         B = S if cols is None else S[torch.as_tensor(cols, device=S.device).long()]
         return (self.num_pairs - A @ B.T) * 0.5
 
-    def sq_dists(self, rows=None, cols=None) -> torch.Tensor:
-        return self.dists(rows, cols).square()
+    def sq_dists(self, rows) -> torch.Tensor:
+        """(len(rows), N) squared Kendall distances (the Loki metric interface)."""
+        return self.dists(rows, None).square()
 
-    def sq_dist_pairs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Elementwise d²(x[i], y[i]) for equal-shaped id tensors."""
-        S = self._signs.to(x.device)
-        d = (self.num_pairs - (S[x.long()] * S[y.long()]).sum(-1)) * 0.5
-        return d.square()
+    def distance(self, a, b) -> torch.Tensor:
+        """Elementwise Kendall distance d(a[i], b[i]) for equal-shaped id tensors (float64)."""
+        S = self._signs
+        a = torch.as_tensor(a, device=S.device).long()
+        b = torch.as_tensor(b, device=S.device).long()
+        return ((self.num_pairs - (S[a] * S[b]).sum(-1)) * 0.5).double()
 
 
 def pseudo_euclidean_embedding(sq_dists: torch.Tensor, dims: int | None = None, anchor: int | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from shammie.ws.metric import as_metric, num_labels
+from shammie.ws.metric import as_metric, sq_block
 
 __all__ = ["expected_sq_dists", "sample_lfs"]
 
@@ -14,8 +14,8 @@ def sample_lfs(metric, theta: torch.Tensor, n: int, abstain: float | torch.Tenso
                generator: torch.Generator | None = None):
     """Draw (L (n, m) int64 with -1 = abstain, y (n,) int64) from the model above (y uniform)."""
     metric = as_metric(metric)
-    N = num_labels(metric)
-    D = metric.sq_dists(None, None).double()
+    N = int(metric.num_labels)
+    D = sq_block(metric)
     theta = torch.as_tensor(theta, dtype=torch.float64)
     abstain = torch.as_tensor(abstain, dtype=torch.float64).expand(theta.shape)
     y = torch.randint(0, N, (n,), generator=generator)
@@ -30,7 +30,7 @@ def sample_lfs(metric, theta: torch.Tensor, n: int, abstain: float | torch.Tenso
 
 def expected_sq_dists(metric, theta: torch.Tensor) -> torch.Tensor:
     """The exact E d²(λ_a, y) (m,) under the model above with y uniform: what θ̂ = 1/E d² estimates."""
-    D = as_metric(metric).sq_dists(None, None).double()
+    D = sq_block(as_metric(metric))
     theta = torch.as_tensor(theta, dtype=torch.float64)
     P = torch.softmax(-theta[:, None, None] * D, dim=2)  # (m, y, λ)
     return (P * D).sum(2).mean(1)
