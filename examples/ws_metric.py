@@ -1,7 +1,7 @@
 """Weak supervision over metric label spaces with shammie.ws, on synthetic labeling functions (LFs) with
 known accuracies θ: p(λ_a | y) ∝ exp(−θ_a·d²(λ_a, y)), y uniform.
 
-1. A tree (27 leaves of a ternary tree), rankings of 5 items (Kendall τ) and a line (21 points):
+1. A tree (the 27 leaves of a ternary tree, a Loki TreeMetric), rankings of 5 items (Kendall τ) and a line (21 points):
    the relative error of θ̂ at n = 10², 10³, 10⁴ for the three estimators (additive triplets, inner-product
    triplets, moment matching under the model), and the pseudolabels' mean squared distance to y against
    majority vote, the oracle (the same inference with the true θ) and the best single LF on its rows.
@@ -20,19 +20,19 @@ import time
 
 import torch
 
+from shammie.loki import TreeMetric
 from shammie.ws import (ContinuousLabelModel, MetricLabelModel, RankingMetric, expected_sq_dists, majority_vote,
                         sample_lfs, sq_block)
 
 IDENTITIES = ("additive", "inner", "model")
 
 
-def tree_sq_dists(branching=3, depth=3):
-    """Squared path lengths between the leaves of a complete tree (leaf id = its base-b digits)."""
-    N = branching ** depth
-    i = torch.arange(N)
-    digits = torch.stack([(i // branching ** (depth - 1 - k)) % branching for k in range(depth)], 1)
-    common = (digits[:, None, :] == digits[None, :, :]).long().cumprod(2).sum(2)
-    return (2.0 * (depth - common)) ** 2
+def tree_metric(branching=3, depth=3):
+    """The leaves of a complete tree (27 for a ternary tree of depth 3) as a Loki TreeMetric."""
+    n = (branching ** (depth + 1) - 1) // (branching - 1)
+    parent = torch.cat([torch.tensor([-1]), (torch.arange(1, n) - 1) // branching])
+    first_leaf = n - branching ** depth
+    return TreeMetric(parent, labels=torch.arange(first_leaf, n))
 
 
 def line_sq_dists(N=21):
@@ -56,7 +56,7 @@ def best_single_lf(D, L, y):
 
 def metric_spaces(args):
     spaces = {
-        "tree": (tree_sq_dists(), torch.tensor([0.3, 0.2, 0.1, 0.15, 0.05, 0.25, 0.08])),
+        "tree": (tree_metric(), torch.tensor([0.3, 0.2, 0.1, 0.15, 0.05, 0.25, 0.08])),
         "rankings": (RankingMetric(5), torch.tensor([0.3, 0.2, 0.1, 0.15, 0.05, 0.12])),
         "line": (line_sq_dists(), torch.tensor([0.05, 0.1, 0.02, 0.2, 0.08, 0.03])),
     }
