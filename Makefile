@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: bench test build
+.PHONY: bench test build ws-peers
 bench: build
 	$(PY) -m shammie bench
 
@@ -25,3 +25,12 @@ $(VENV)/.shammie-deps:
 		transformers peft safetensors tqdm mambapy scipy networkx
 	$(VENV)/bin/pip install -q --no-deps timm  # ImageNet synset lists for Loki's WordNet data (timm itself unused)
 	touch $@
+
+# The weak-supervision peers for examples/ws_metric.py (snorkel, flyingsquid), in their own venv: flyingsquid
+# needs pgmpy 0.1.x (MarkovModel, pkg_resources) and numpy < 2. Not shammie dependencies.
+WS_PEERS ?= .venv-ws-peers
+ws-peers: build
+	$(PYTHON) -m venv $(WS_PEERS)
+	$(WS_PEERS)/bin/pip install -q $(TORCH) snorkel==0.10.0 flyingsquid pgmpy==0.1.17 "setuptools<70" \
+		"numpy<2" "pandas<2.3" "scipy<1.15" "scikit-learn<1.6" "statsmodels<0.15" tqdm
+	PYTHONPATH=$(CURDIR) $(WS_PEERS)/bin/python examples/ws_metric.py

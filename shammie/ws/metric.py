@@ -1,0 +1,166 @@
+"""Finite metric label spaces for weak supervision: the Kendall-tau ranking metric (a Loki metric), the
+pseudo-Euclidean embedding d² = ‖u₊−v₊‖² − ‖u₋−v₋‖², and the weighted Fréchet-mean search
+argmin_y Σ_j w_j·d²(j, y) through a metric's frechet_topk (shammie.frechet_topk underneath).
+
+A metric is a shammie.loki metric (DenseMetric, TreeMetric, GraphMetric, EmbeddingMetric,
+RankingMetric) or any object with the same interface:
+- ``num_labels``: the size N of the label space (labels are ids 0..N-1);
+- ``sq_dists(rows)``: the (len(rows), N) squared distances from label ids ``rows`` to every label;
+- ``frechet_topk(weights, observed, k=1, candidates=None) -> (values, indices)``;
+- optionally ``distance(a, b)``: elementwise d(a[i], b[i]), used when a (K, K) block would be too big.
+A plain (N, N) tensor of squared distances is accepted wherever a metric is (as a DenseMetric).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from shammie.loki import _search
+from shammie.loki.metrics import DenseMetric, Metric
+
+__all__ = ["RankingMetric", "as_metric", "frechet_search", "pseudo_euclidean_embedding", "sq_block"]
+
+# Elements of a (rows, N) block of squared distances fetched at once.
+_BLOCK_ELEMS = 1 << 24
+
+
+def as_metric(metric):
+    """The metric itself, or an (N, N) tensor of squared distances as a Loki DenseMetric."""
+    if isinstance(metric, torch.Tensor):
+        if metric.dim() != 2 or metric.shape[0] != metric.shape[1]:
+            raise ValueError(f"metric: expected a square (N, N) matrix of squared distances, got shape "
+                             f"{tuple(metric.shape)}")
+        return DenseMetric(metric if metric.is_floating_point() else metric.double(), squared=True)
+    if not (hasattr(metric, "sq_dists") and hasattr(metric, "num_labels")):
+        raise TypeError(f"metric: expected a shammie.loki metric (num_labels, sq_dists(rows), frechet_topk) or an "
+                        f"(N, N) tensor of squared distances; got {type(metric).__name__}")
+    return metric
+
+
+def sq_block(metric, rows=None, cols=None, device=None, dtype=torch.float64) -> torch.Tensor:
+    """Squared distances between label ids rows × cols (None: all labels), fetched in row blocks."""
+    N = int(metric.num_labels)
+    rows = torch.arange(N) if rows is None else torch.as_tensor(rows).long().flatten()
+    cols_cpu = None if cols is None else torch.as_tensor(cols).long().flatten()
+    step = max(1, _BLOCK_ELEMS // max(1, N))
+    out = []
+    for s in range(0, max(1, rows.numel()), step):
+        r = rows[s:s + step]
+        if r.numel() == 0:
+            break
+        block = metric.sq_dists(r.to(_device_of(metric)))
+        if cols_cpu is not None:
+            block = block.index_select(1, cols_cpu.to(block.device))
+        out.append(block.to(device=device, dtype=dtype))
+    if not out:
+        return torch.zeros(0, N if cols is None else cols_cpu.numel(), device=device, dtype=dtype)
+    return torch.cat(out)
+
+
+def _device_of(metric):
+    for name in ("sq", "emb", "_signs"):
+        t = getattr(metric, name, None)
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def frechet_search(metric, weights, observed, k=1, candidates=None):
+    """argmin_y Σ_j weights[:, j]·d²(observed[j], y) over the label space (or candidates), k smallest.
+
+    weights: (B, K) float, non-negative, each row with a positive sum; observed: (K,) int64 label ids;
+    candidates: None, a bool mask (N,) or an int64 id tensor. Returns (values (B, k), label ids (B, k)
+    int64), ascending, ties to the lowest id: the metric's frechet_topk (Loki; shammie.frechet_topk).
+    """
+    if hasattr(metric, "frechet_topk"):
+        return metric.frechet_topk(weights, observed, k, candidates)
+    mask = _search.candidate_mask(candidates, int(metric.num_labels))
+    return _search.frechet_topk(weights, sq_block(metric, observed, None, weights.device, weights.dtype), k, mask)
+
+
+class RankingMetric(Metric):
+    """Permutations of n_items with the Kendall tau distance (number of discordant item pairs).
+
+    Label id i is the i-th permutation in lexicographic order (``itertools.permutations``), a
+    permutation listing item ids from first to last place. d(π, σ) = (P − ⟨s_π, s_σ⟩)/2 with
+    s_π ∈ {±1}^P the pairwise order signs over the P = n(n−1)/2 item pairs, so every block of squared
+    distances is one matmul. The label space is enumerated exactly (n_items ≤ 8, N = n_items! ≤ 40320).
+    """
+
+    def __init__(self, n_items: int, device=None, dtype=torch.float32):
+        if not 2 <= n_items <= 8:
+            raise ValueError(f"n_items: expected 2 <= n_items <= 8 (exact enumeration of n_items! rankings), "
+                             f"got {n_items}")
+        self.n_items = n_items
+        self.num_labels = math.factorial(n_items)
+        self.dtype = dtype
+        self.perms = torch.tensor(list(itertools.permutations(range(n_items))), dtype=torch.long, device=device)
+        iu = torch.triu_indices(n_items, n_items, 1, device=device)
+        pos = torch.argsort(self.perms, dim=1)  # pos[p, item] = place of item in permutation p
+        self._signs = torch.sign(pos[:, iu[1]] - pos[:, iu[0]]).to(dtype)  # (N, P)
+        self.num_pairs = iu.shape[1]
+
+    def ids_to_perms(self, ids: torch.Tensor) -> torch.Tensor:
+        """(…) label ids -> (…, n_items) permutations."""
+        return self.perms.to(ids.device)[ids.long()]
+
+    def perms_to_ids(self, perms: torch.Tensor) -> torch.Tensor:
+        """(…, n_items) permutations -> (…) label ids (lexicographic rank, by the Lehmer code)."""
+        n = self.n_items
+        perms = perms.long()
+        smaller_after = (perms.unsqueeze(-1) > perms.unsqueeze(-2)).triu(1).sum(-1)  # (…, n)
+        fact = torch.tensor([math.factorial(n - 1 - i) for i in range(n)], device=perms.device)
+        return (smaller_after * fact).sum(-1)
+
+    def dists(self, rows=None, cols=None) -> torch.Tensor:
+        """Kendall tau distances between label ids (None: all)."""
+        S = self._signs
+        A = S if rows is None else S[torch.as_tensor(rows, device=S.device).long()]
+        B = S if cols is None else S[torch.as_tensor(cols, device=S.device).long()]
+        return (self.num_pairs - A @ B.T) * 0.5
+
+    def sq_dists(self, rows) -> torch.Tensor:
+        """(len(rows), N) squared Kendall distances (the Loki metric interface)."""
+        return self.dists(rows, None).square()
+
+    def distance(self, a, b) -> torch.Tensor:
+        """Elementwise Kendall distance d(a[i], b[i]) for equal-shaped id tensors (float64)."""
+        S = self._signs
+        a = torch.as_tensor(a, device=S.device).long()
+        b = torch.as_tensor(b, device=S.device).long()
+        return ((self.num_pairs - (S[a] * S[b]).sum(-1)) * 0.5).double()
+
+
+def pseudo_euclidean_embedding(sq_dists: torch.Tensor, dims: int | None = None, anchor: int | None = None,
+                               tol: float = 1e-9):
+    """Isometric embedding of a finite metric: d²(i, j) = ‖u₊ᵢ−u₊ⱼ‖² − ‖u₋ᵢ−u₋ⱼ‖².
+
+    B = ½(D₀ᵢ + D₀ⱼ − Dᵢⱼ) is the Gram matrix anchored at point 0 (``anchor``) or, when anchor is None,
+    at the centroid (B = −½ J D J with J = I − 11ᵀ/N: same distances, centred coordinates). With
+    B = V Λ Vᵀ, X = V |Λ|^½; columns with λ > 0 form the positive part, λ < 0 the negative part.
+    dims keeps the dims largest |λ|. Eigenvalues with |λ| ≤ tol·max|λ| are dropped.
+    Returns (X (N, r), signs (r,) of ±1 in X's dtype): d² = ((Xᵢ−Xⱼ)² · signs).sum().
+    """
+    if sq_dists.dim() != 2 or sq_dists.shape[0] != sq_dists.shape[1]:
+        raise ValueError(f"sq_dists: expected a square (N, N) matrix, got shape {tuple(sq_dists.shape)}")
+    D = sq_dists.double()
+    N = D.shape[0]
+    if anchor is None:
+        J = torch.eye(N, dtype=D.dtype, device=D.device) - 1.0 / N
+        B = -0.5 * J @ D @ J
+    else:
+        if not 0 <= anchor < N:
+            raise ValueError(f"anchor: expected 0 <= anchor < {N}, got {anchor}")
+        B = 0.5 * (D[anchor].unsqueeze(1) + D[anchor].unsqueeze(0) - D)
+    lam, V = torch.linalg.eigh(0.5 * (B + B.T))
+    order = torch.argsort(lam.abs(), descending=True)
+    lam, V = lam[order], V[:, order]
+    keep = lam.abs() > tol * lam.abs().max().clamp_min(1e-300)
+    if dims is not None:
+        keep &= torch.arange(N, device=D.device) < dims
+    lam, V = lam[keep], V[:, keep]
+    X = V * lam.abs().sqrt()
+    return X.to(sq_dists.dtype), torch.sign(lam).to(sq_dists.dtype)
