@@ -289,16 +289,16 @@ def _count_up(device, n, batch=16, length=24, seed=0):
 
 def test_search_prefers_the_pretrained_component():
     trained = gpt2(layers=2, width=32)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2)
     trained.train()
-    for ids in _count_up("cpu", 80):
+    for ids in _count_up("cpu", 40, batch=8, length=16):
         optimizer.zero_grad()
         trained(ids, labels=ids).loss.backward()
         optimizer.step()
     untrained = mamba(layers=2)
     hybrid = Manticore.from_models([untrained, trained], n_mixtures=2)
-    history = search(hybrid, _count_up("cpu", 4, seed=1), _count_up("cpu", 4, seed=2), steps=30, alpha_lr=0.1,
-                     progress=False)
+    history = search(hybrid, _count_up("cpu", 4, batch=8, length=16, seed=1),
+                     _count_up("cpu", 4, batch=8, length=16, seed=2), steps=16, alpha_lr=0.2, progress=False)
     final = torch.tensor(history["alpha"][-1])
-    assert (final[:, 1] > 0.7).all(), hybrid.alphas()
+    assert (final[:, 1] > 0.65).all() and final[:, 1].mean() > 0.75, hybrid.alphas()
     assert history["val_loss"][-1] < history["val_loss"][0]
