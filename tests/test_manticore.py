@@ -17,6 +17,15 @@ from conftest import DEVICES  # noqa: E402
 V = 61
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: on a shared CPU, extra intra-op threads cost far more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gpt2(seed=0, vocab=V, layers=4, width=32):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=64, vocab_size=vocab,
