@@ -62,7 +62,8 @@ def _cuda_event_seconds(fn: Callable[[], object], reps: int = 50) -> float:
 
 
 def _forward_and_backward(fn, inputs, grad):
-    leaves = [t.detach().requires_grad_() for t in inputs]
+    # token ids and other integer inputs cannot require grad: they stay plain inputs
+    leaves = [t.detach().requires_grad_() if t.is_floating_point() or t.is_complex() else t for t in inputs]
 
     def run():
         for leaf in leaves:

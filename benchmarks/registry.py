@@ -10,6 +10,7 @@ OP_FAMILIES = {
     "causal_conv1d": "shammie.benchmarks.causal_conv1d",
     "selective_scan": "shammie.benchmarks.selective_scan",
     "selective_scan_full": "shammie.benchmarks.selective_scan_full",
+    "manticore": "shammie.benchmarks.manticore",
 }
 
 # Families that take minutes (their peers are slow at the full shape): run only when named.
