@@ -311,3 +311,15 @@ def test_search_prefers_the_pretrained_component():
     final = torch.tensor(history["alpha"][-1])
     assert (final[:, 1] > 0.65).all() and final[:, 1].mean() > 0.75, hybrid.alphas()
     assert history["val_loss"][-1] < history["val_loss"][0]
+
+
+def test_bench_harness_takes_token_ids():
+    """benchmarks.harness.measure with integer inputs (token ids get no requires_grad)."""
+    from shammie.benchmarks.harness import Case, measure
+
+    embedding = torch.nn.Embedding(V, 8)
+    case = Case(op="embed", shape="tiny", dtype=torch.float32, make_inputs=lambda device: [tokens(device)],
+                ours=embedding, peer=embedding, peer_name="itself", bytes_forward=1, bytes_backward=1,
+                flops_forward=1.0, flops_backward=1.0)
+    row = measure(case, torch.device("cpu"), min_run_time=0.001)
+    assert row["ours_fwdbwd_s"] > 0 and row["peer_fwdbwd_s"] > 0
