@@ -86,7 +86,8 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def _forward_and_backward(fn, inputs, grad):
-    leaves = [t.detach().requires_grad_() for t in inputs]
+    # token ids and other integer inputs cannot require grad: they stay plain inputs
+    leaves = [t.detach().requires_grad_() if t.is_floating_point() or t.is_complex() else t for t in inputs]
 
     def run():
         for leaf in leaves:

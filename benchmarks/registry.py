@@ -12,6 +12,8 @@ OP_FAMILIES = {
     "selective_scan_full": "shammie.benchmarks.selective_scan_full",
     "frechet": "shammie.benchmarks.frechet",
     "loki": "shammie.benchmarks.loki",
+
+    "manticore": "shammie.benchmarks.manticore",
 }
 
 # Families that take minutes (their peers are slow at the full shape): run only when named.
