@@ -12,7 +12,6 @@ OP_FAMILIES = {
     "selective_scan_full": "shammie.benchmarks.selective_scan_full",
     "frechet": "shammie.benchmarks.frechet",
     "loki": "shammie.benchmarks.loki",
-
     "manticore": "shammie.benchmarks.manticore",
 }
 
