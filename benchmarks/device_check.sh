@@ -32,8 +32,9 @@ timeout 180 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/b
 echo "built in ${SECONDS}s" | tee -a "$OUT/summary.log"
 python3 -m shammie info | tee -a "$OUT/summary.log"
 
-step "tests (CUDA and CPU)" | tee -a "$OUT/summary.log"
-timeout 240 python3 -m pytest tests -q -x -rs > "$OUT/tests.log" 2>&1 || status=1
+# The CUDA variants only (CI runs the CPU suite); keep going past failures to see them all.
+step "CUDA tests" | tee -a "$OUT/summary.log"
+timeout 240 python3 -m pytest tests -q -k cuda --maxfail=30 -rs > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log" | tee -a "$OUT/summary.log"
 
 step "compute-sanitizer memcheck, small cases" | tee -a "$OUT/summary.log"
