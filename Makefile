@@ -22,7 +22,8 @@ build: $(VENV)/.shammie-deps
 $(VENV)/.shammie-deps:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH) numpy pybind11 cmake ninja pytest setuptools wheel \
-		transformers peft safetensors tqdm mambapy
+		transformers peft safetensors tqdm mambapy scipy networkx
+	$(VENV)/bin/pip install -q --no-deps timm  # ImageNet synset lists for Loki's WordNet data (timm itself unused)
 	touch $@
 
 # The weak-supervision peers for examples/ws_metric.py (snorkel, flyingsquid), in their own venv: flyingsquid

@@ -14,6 +14,9 @@ OPS = [
     "selective_state_update",
     "selective_scan",
     "selective_scan_backward",
+    "frechet_topk",
+    "gemm_bias_topk",
+    "tree_frechet_topk",
 ]
 
 info = shammie.build_info()

@@ -31,6 +31,7 @@ class Case:
     baseline: Callable[..., torch.Tensor] | None = None   # e.g. the frozen base layer under an adapter
     baseline_name: str = ""
     backward: bool = True                                  # False for ops without autograd (decode steps)
+    memory: bool = False                                   # also report each side's peak extra memory (forward)
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
@@ -61,6 +62,29 @@ def _cuda_event_seconds(fn: Callable[[], object], reps: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated through torch's allocator during one call, beyond what was live before (the
+    output included; library-internal buffers such as MKL's GEMM packing are not seen, on either side)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _forward_and_backward(fn, inputs, grad):
     leaves = [t.detach().requires_grad_() for t in inputs]
 
@@ -85,6 +109,10 @@ def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
         row[f"{label}_fwdbwd_s"] = (median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time)
                                     if case.backward else float("nan"))
     row["speedup_fwd"] = row["peer_fwd_s"] / row["ours_fwd_s"]
+    if case.memory:
+        for label, fn in timed[:2]:
+            with torch.no_grad():
+                row[f"{label}_extra_bytes"] = peak_extra_bytes(lambda: fn(*inputs), device)
     row["speedup_fwdbwd"] = row["peer_fwdbwd_s"] / row["ours_fwdbwd_s"]
     if not case.backward:   # rates from the forward alone
         row["ours_fwd_GBps"] = case.bytes_forward / row["ours_fwd_s"] / 1e9
@@ -120,6 +148,14 @@ def format_table(rows: Sequence[dict]) -> str:
     if rows:
         out.append("x = peer time / shammie time; GB/s and GFLOP/s are shammie's fwd+bwd (fwd for ops without "
                    "a backward), from the minimum bytes moved and the useful flops.")
+    with_memory = [r for r in rows if "ours_extra_bytes" in r]
+    if with_memory:
+        out.append("")
+        out.append("peak extra memory of one forward (allocated through torch, outputs included):")
+        for r in with_memory:
+            ours, peer = r["ours_extra_bytes"], r["peer_extra_bytes"]
+            out.append(f"  {r['op']} {r['shape']} {r['dtype']}: shammie {ours / 2**20:.2f} MiB, peer {peer / 2**20:.2f} MiB"
+                       f" ({100 * ours / max(peer, 1):.1f}% of the peer's)")
     with_base = [r for r in rows if "baseline" in r]
     if with_base:
         out.append("")

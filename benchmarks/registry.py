@@ -10,6 +10,8 @@ OP_FAMILIES = {
     "causal_conv1d": "shammie.benchmarks.causal_conv1d",
     "selective_scan": "shammie.benchmarks.selective_scan",
     "selective_scan_full": "shammie.benchmarks.selective_scan_full",
+    "frechet": "shammie.benchmarks.frechet",
+    "loki": "shammie.benchmarks.loki",
 }
 
 # Families that take minutes (their peers are slow at the full shape): run only when named.

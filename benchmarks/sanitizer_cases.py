@@ -1,6 +1,8 @@
 """Small CUDA cases for compute-sanitizer (benchmarks/device_check.sh): every kernel of every op,
 including the partial-tile, global-scratch and odd-shape paths, forward and backward."""
 
+import importlib.util
+
 import torch
 
 import shammie
@@ -47,5 +49,25 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         D, bias = (torch.randn(dim, device="cuda", requires_grad=True) for _ in range(2))
         out, last = shammie.selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
         (out.float().sum() + last.sum()).backward()
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    # (B, K, N, k): partial row and label tiles, K not a multiple of the K step, many label groups, k > 1
+    for batch, K, N, k in ((1, 7, 50, 1), (70, 33, 900, 3), (129, 64, 4097, 5), (3, 1, 40, 2)):
+        probs = torch.rand(batch, K, device="cuda", dtype=dtype)
+        sq = torch.rand(K, N, device="cuda", dtype=dtype)
+        shammie.frechet_topk(probs, sq, k)
+        shammie.frechet_topk(probs, sq, k, candidates=torch.rand(N, device="cuda") < 0.5)
+        shammie.gemm_bias_topk(probs, sq, torch.randn(N, device="cuda", dtype=dtype), k,
+                               torch.arange(0, N, 3, device="cuda"), True)
+if importlib.util.find_spec("scipy") is not None:  # TreeMetric builds its plan with scipy
+    from shammie.loki import TreeMetric
+
+    # a random tree of 300 nodes, 1 to 40 observed, batch tails of the 128-thread blocks, k = 1 and 5
+    gen = torch.Generator().manual_seed(0)
+    parent = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, 300)]
+    metric = TreeMetric(parent, torch.rand(300, generator=gen).numpy() + 0.1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for batch, K, k in ((1, 1, 1), (130, 7, 5), (37, 40, 1)):
+            observed = torch.randperm(300, generator=gen)[:K]
+            metric.frechet_topk(torch.rand(batch, K, device="cuda").to(dtype) + 0.01, observed, k)
 torch.cuda.synchronize()
 print("sanitizer cases ran")

@@ -2,14 +2,16 @@
 paths: random trees (weighted and unweighted), labels a subset of the nodes, candidates, k > 1, ties,
 batch 1, every dtype; opcheck, torch.compile, bad input."""
 
-import networkx as nx
 import numpy as np
 import pytest
-import torch
 
-import shammie
-from shammie.loki import TreeMetric
-from tests.conftest import DEVICES, DTYPES
+nx = pytest.importorskip("networkx")
+pytest.importorskip("scipy")
+import torch  # noqa: E402
+
+import shammie  # noqa: E402
+from shammie.loki import TreeMetric  # noqa: E402
+from tests.conftest import DEVICES, DTYPES  # noqa: E402
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -69,26 +69,13 @@ def check_k(k: int, mask: torch.Tensor | None, num_labels: int) -> None:
         raise ValueError(f"k = {k} exceeds the number of candidates ({n})")
 
 
-def _sorted_topk(scores: torch.Tensor, mask, k: int):
-    if mask is not None:
-        scores = scores.masked_fill(~mask.to(scores.device), float("inf"))
-    values, indices = torch.sort(scores, dim=1, stable=True)
-    return values[:, :k], indices[:, :k]
-
-
 def frechet_topk(probs: torch.Tensor, sq_dists: torch.Tensor, k: int, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """k smallest of probs @ sq_dists over the candidates: shammie's dense op when this build has it."""
-    if hasattr(shammie, "frechet_topk"):
-        return shammie.frechet_topk(probs, sq_dists.to(probs.dtype), k=k, candidates=mask)
-    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    values, indices = _sorted_topk(probs.to(acc) @ sq_dists.to(device=probs.device, dtype=acc), mask, k)
-    return values.to(probs.dtype), indices
+    """k smallest of probs @ sq_dists over the candidates (shammie's dense op)."""
+    mask = None if mask is None else mask.to(probs.device)
+    return shammie.frechet_topk(probs, sq_dists.to(device=probs.device, dtype=probs.dtype), k=k, candidates=mask)
 
 
 def gemm_bias_topk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, mask):
-    """k smallest of bias + x @ w over the candidates: shammie's fused op when this build has it."""
-    if hasattr(shammie, "gemm_bias_topk"):
-        return shammie.gemm_bias_topk(x, w, bias, k=k, candidates=mask)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    values, indices = _sorted_topk(bias.to(acc) + x.to(acc) @ w.to(acc), mask, k)
-    return values.to(x.dtype), indices
+    """k smallest of bias + x @ w over the candidates (shammie's fused op)."""
+    mask = None if mask is None else mask.to(x.device)
+    return shammie.gemm_bias_topk(x, w, bias, k=k, candidates=mask)

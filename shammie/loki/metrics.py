@@ -53,7 +53,7 @@ class Metric:
         minimizers over the simplex's vertices, edge midpoints and Dirichlet samples (a subset)."""
         observed = _search.check_labels(observed, self.num_labels, "observed")
         mask = _search.candidate_mask(candidates, self.num_labels)
-        cols = torch.arange(self.num_labels) if mask is None else torch.flatnonzero(mask)
+        cols = torch.arange(self.num_labels) if mask is None else torch.nonzero(mask).flatten()
         sq = self.sq_dists(observed).double().cpu()[:, cols].numpy()
         K, n = sq.shape
         if n <= EXACT_LOCUS_MAX_LABELS:
@@ -143,11 +143,11 @@ class TreeMetric(Metric):
         return tree_frechet_topk(probs, p["parent"], p["edge"], p["depth"], p["obs_pos"], p["cand_t"],
                                  p["cand_label"], k)
 
-    def sq_dists(self, rows):
+    def sq_dists(self, rows, cols=None):
+        """Squared distances (len(rows), N), or to the label ids cols only: the dense method's matrix."""
         rows = torch.as_tensor(rows).long().cpu().numpy()
-        a = np.repeat(self.labels[rows], self.num_labels)
-        b = np.tile(self.labels, rows.shape[0])
-        return torch.from_numpy(self.tree.distance(a, b).reshape(rows.shape[0], self.num_labels) ** 2)
+        cols = self.labels if cols is None else self.labels[torch.as_tensor(cols).long().cpu().numpy()]
+        return torch.from_numpy(self.tree.distances(self.labels[rows], cols) ** 2)
 
     def distance(self, a, b):
         a = self.labels[torch.as_tensor(a).long().cpu().numpy()]

@@ -75,6 +75,12 @@ class Tree:
         self.preorder = preorder.astype(np.int64)
         self.depth = _accumulate_to_root(parent, weight)
         self.hops = _accumulate_to_root(parent, (parent >= 0).astype(np.float64)).astype(np.int64)
+        self.tin = np.empty(n, dtype=np.int64)
+        self.tin[self.preorder] = np.arange(n)
+        self.size = np.ones(n, dtype=np.int64)  # subtree sizes: node v's subtree is preorder[tin[v]:tin[v] + size[v]]
+        for level in range(int(self.hops.max()), 0, -1):
+            at = np.flatnonzero(self.hops == level)
+            np.add.at(self.size, parent[at], self.size[at])
 
     def lca(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Lowest common ancestors of the pairs (a[i], b[i]), stepping the deeper side up."""
@@ -91,6 +97,22 @@ class Tree:
     def distance(self, a, b) -> np.ndarray:
         a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
         return self.depth[a] + self.depth[b] - 2 * self.depth[self.lca(a, b)]
+
+    def distances(self, sources, targets) -> np.ndarray:
+        """(len(sources), len(targets)) distances. Per source s, the depth of lca(s, y) for every y is
+        painted in preorder space, where each ancestor's subtree is one slice, from the root down."""
+        sources, targets = np.asarray(sources, dtype=np.int64), np.asarray(targets, dtype=np.int64)
+        out = np.empty((sources.shape[0], targets.shape[0]))
+        target_pos, target_depth = self.tin[targets], self.depth[targets]
+        lca_depth = np.empty(self.n)
+        for i, s in enumerate(sources.tolist()):
+            path = [s]
+            while self.parent[path[-1]] >= 0:
+                path.append(int(self.parent[path[-1]]))
+            for a in reversed(path):
+                lca_depth[self.tin[a]:self.tin[a] + self.size[a]] = self.depth[a]
+            out[i] = target_depth + self.depth[s] - 2 * lca_depth[target_pos]
+        return out
 
     def ancestors_closure(self, nodes: np.ndarray) -> np.ndarray:
         """Bool mask of the nodes and all their ancestors."""
