@@ -50,7 +50,7 @@ def make(B, K, N, dtype, device, seed=0):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,K,N,k", [(1, 7, 50, 1), (37, 13, 1500, 1), (300, 17, 1300, 5), (5, 64, 40, 40),
-                                     (260, 9, 600, 2)])
+                                     (260, 9, 600, 2), (2100, 3, 300, 2)])
 def test_frechet_topk_dense(device, dtype, B, K, N, k):
     probs, sq = make(B, K, N, dtype, device)
     values, indices = shammie.frechet_topk(probs, sq, k=k)

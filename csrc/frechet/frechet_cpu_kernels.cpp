@@ -29,8 +29,8 @@ namespace {
 
 using namespace frechet;
 
-constexpr int64_t kTileB = 256;
-constexpr int64_t kTileN = 512;
+constexpr int64_t kTileB = 1024;
+constexpr int64_t kTileN = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
