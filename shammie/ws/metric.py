@@ -161,12 +161,12 @@ class RankingMetric(Metric):
         return ((self.num_pairs - (S[a] * S[b]).sum(-1)) * 0.5).double()
 
 
-def pseudo_euclidean_embedding(sq_dists: torch.Tensor, dims: int | None = None, anchor: int | None = None,
+def pseudo_euclidean_embedding(sq_dists: torch.Tensor, dims: int | None = None, anchor: int | None = 0,
                                tol: float = 1e-9):
     """Isometric embedding of a finite metric: d²(i, j) = ‖u₊ᵢ−u₊ⱼ‖² − ‖u₋ᵢ−u₋ⱼ‖².
 
-    B = ½(D₀ᵢ + D₀ⱼ − Dᵢⱼ) is the Gram matrix anchored at point 0 (``anchor``) or, when anchor is None,
-    at the centroid (B = −½ J D J with J = I − 11ᵀ/N: same distances, centred coordinates). With
+    B = ½(D₀ᵢ + D₀ⱼ − Dᵢⱼ) is the Gram matrix anchored at point ``anchor`` (default 0) or, when anchor is
+    None, at the centroid (B = −½ J D J with J = I − 11ᵀ/N: same distances, centred coordinates). With
     B = V Λ Vᵀ, X = V |Λ|^½; columns with λ > 0 form the positive part, λ < 0 the negative part.
     dims keeps the dims largest |λ|. Eigenvalues with |λ| ≤ tol·max|λ| are dropped.
     Returns (X (N, r), signs (r,) of ±1 in X's dtype): d² = ((Xᵢ−Xⱼ)² · signs).sum().
