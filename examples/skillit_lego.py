@@ -203,7 +203,10 @@ def main():
         f"uniform d{i + 1}" for i in range(k)) + " | " + " | ".join(f"skill-it d{i + 1}" for i in range(k)) + " |")
     uni, ski, _ = results[0]
     stride = max(1, len(uni) // 10)
-    for (step, au), (_, as_) in list(zip(uni, ski))[::stride] + [(uni[-1], ski[-1])]:
+    rows = list(zip(uni, ski))[::stride]
+    if rows[-1][0][0] != uni[-1][0]:
+        rows.append((uni[-1], ski[-1]))
+    for (step, au), (_, as_) in rows:
         print(f"| {step} | " + " | ".join(f"{v:.2f}" for v in au.tolist()) + " | "
               + " | ".join(f"{v:.2f}" for v in as_.tolist()) + " |")
     if args.seeds > 1:

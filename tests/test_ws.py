@@ -248,3 +248,26 @@ def test_every_loki_metric_gives_the_same_model():
     a, b = MetricLabelModel(emb).fit(Le), MetricLabelModel(De).fit(Le)
     torch.testing.assert_close(a.accuracies(), b.accuracies())
     assert torch.equal(a.predict(Le), b.predict(Le))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ranking_search_matches_dense(dtype):
+    """RankingMetric's GEMM search (no (K, N) block) against the dense search over its squared distances."""
+    from shammie.loki import DenseMetric
+
+    R = RankingMetric(5)
+    dense = DenseMetric(sq_block(R).to(dtype), squared=True)
+    g = torch.Generator().manual_seed(10)
+    observed = torch.randperm(120, generator=g)[:17]
+    w = torch.rand(64, 17, generator=g, dtype=dtype)
+    w[:, 5:] *= torch.rand(64, 1, generator=g, dtype=dtype) < 0.5
+    for cand in (None, torch.arange(120) % 3 == 0):
+        v, i = R.frechet_topk(w, observed, 3, cand)
+        vd, _ = dense.frechet_topk(w, observed, 3, cand)
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(v, vd, rtol=tol, atol=tol)
+        # each returned id's own objective equals its value
+        own = (w @ sq_block(R, observed, None, dtype=dtype)).gather(1, i)
+        torch.testing.assert_close(own, vd, rtol=tol, atol=tol)
+        if cand is not None:
+            assert bool(cand[i].all())

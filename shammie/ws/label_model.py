@@ -147,12 +147,12 @@ class MetricLabelModel:
         N = self.num_labels
         if N <= _EMBED_MAX:
             D_all = self._sq(None, None, L.device, torch.float64)
-            X, sg = pseudo_euclidean_embedding(D_all)
+            X, sg = pseudo_euclidean_embedding(D_all, anchor=None)
             Phi = X[observed]
             s = D_all.sum() / (2 * N * N)
         else:
             D_obs = self._sq(observed, observed, L.device, torch.float64)
-            Phi, sg = pseudo_euclidean_embedding(D_obs)
+            Phi, sg = pseudo_euclidean_embedding(D_obs, anchor=None)
             K = observed.numel()
             s = D_obs.sum() / (2 * K * K)
         Phi, sg = Phi.to(dtype), sg.to(dtype)
@@ -237,8 +237,8 @@ class MetricLabelModel:
         # θ = exp(z) with z in [lo, hi] (a sigmoid keeps a saturated LF from running off), started where each
         # LF's model E d² equals its triplet estimate (a monotone 1-D inversion, by bisection)
         lo, hi = math.log(1e-3 / scale), math.log(1e3 / scale)
-        ed2_0 = (1.0 / theta0).clamp(float(model_ed2(torch.full((1,), math.exp(hi)))[0]),
-                                     float(model_ed2(torch.full((1,), math.exp(lo)))[0]))
+        ed2_0 = (1.0 / theta0).clamp(float(model_ed2(torch.full((1,), math.exp(hi), dtype=D.dtype, device=device))[0]),
+                                     float(model_ed2(torch.full((1,), math.exp(lo), dtype=D.dtype, device=device))[0]))
         a, b = torch.full_like(ed2_0, lo), torch.full_like(ed2_0, hi)
         for _ in range(50):
             mid = 0.5 * (a + b)

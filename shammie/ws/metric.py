@@ -88,6 +88,9 @@ class RankingMetric(Metric):
     permutation listing item ids from first to last place. d(π, σ) = (P − ⟨s_π, s_σ⟩)/2 with
     s_π ∈ {±1}^P the pairwise order signs over the P = n(n−1)/2 item pairs, so every block of squared
     distances is one matmul. The label space is enumerated exactly (n_items ≤ 8, N = n_items! ≤ 40320).
+    The Fréchet search never forms the (K, N) block: 4·Σ_j w_j·d²(j, y) = (P² + P)·Σw − 2P·⟨Σ_j w_j s_j, s_y⟩
+    + 2·Σ_{p<q} (Σ_j w_j s_jp s_jq)·s_yp s_yq, one GEMM + top-k (shammie.gemm_bias_topk) against fixed
+    features of y with P(P+1)/2 columns (406 for 8 items).
     """
 
     def __init__(self, n_items: int, device=None, dtype=torch.float32):
@@ -102,6 +105,30 @@ class RankingMetric(Metric):
         pos = torch.argsort(self.perms, dim=1)  # pos[p, item] = place of item in permutation p
         self._signs = torch.sign(pos[:, iu[1]] - pos[:, iu[0]]).to(dtype)  # (N, P)
         self.num_pairs = iu.shape[1]
+        self._pq = torch.triu_indices(self.num_pairs, self.num_pairs, 1, device=device)
+        self._features = {}
+
+    def _pair_products(self, S: torch.Tensor) -> torch.Tensor:
+        """(…, P) signs -> (…, P + P(P−1)/2): the signs, then s_p·s_q for p < q."""
+        pq = self._pq.to(S.device)
+        return torch.cat([S, S[:, pq[0]] * S[:, pq[1]]], 1)
+
+    def _search(self, probs, observed, k, mask):
+        P = self.num_pairs
+        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        key = (probs.device, probs.dtype)
+        if key not in self._features:  # (D, N) features of every ranking, built once per device and dtype
+            self._features[key] = self._pair_products(self._signs.to(probs.device, acc)).T.contiguous().to(probs.dtype)
+        w = probs.to(acc)
+        F = self._pair_products(self._signs[observed.to(self._signs.device)].to(probs.device, acc))  # (K, D)
+        x = w @ F
+        x[:, :P] *= -2.0 * P
+        x[:, P:] *= 2.0
+        feats = self._features[key]
+        bias = torch.zeros(feats.shape[1], device=probs.device, dtype=probs.dtype)
+        values, indices = _search.gemm_bias_topk(x.to(probs.dtype), feats, bias, k, mask)
+        const = (P * P + P) * w.sum(1, keepdim=True)
+        return ((values.to(acc) + const) * 0.25).to(probs.dtype), indices
 
     def ids_to_perms(self, ids: torch.Tensor) -> torch.Tensor:
         """(…) label ids -> (…, n_items) permutations."""
@@ -134,12 +161,12 @@ class RankingMetric(Metric):
         return ((self.num_pairs - (S[a] * S[b]).sum(-1)) * 0.5).double()
 
 
-def pseudo_euclidean_embedding(sq_dists: torch.Tensor, dims: int | None = None, anchor: int | None = None,
+def pseudo_euclidean_embedding(sq_dists: torch.Tensor, dims: int | None = None, anchor: int | None = 0,
                                tol: float = 1e-9):
     """Isometric embedding of a finite metric: d²(i, j) = ‖u₊ᵢ−u₊ⱼ‖² − ‖u₋ᵢ−u₋ⱼ‖².
 
-    B = ½(D₀ᵢ + D₀ⱼ − Dᵢⱼ) is the Gram matrix anchored at point 0 (``anchor``) or, when anchor is None,
-    at the centroid (B = −½ J D J with J = I − 11ᵀ/N: same distances, centred coordinates). With
+    B = ½(D₀ᵢ + D₀ⱼ − Dᵢⱼ) is the Gram matrix anchored at point ``anchor`` (default 0) or, when anchor is
+    None, at the centroid (B = −½ J D J with J = I − 11ᵀ/N: same distances, centred coordinates). With
     B = V Λ Vᵀ, X = V |Λ|^½; columns with λ > 0 form the positive part, λ < 0 the negative part.
     dims keeps the dims largest |λ|. Eigenvalues with |λ| ≤ tol·max|λ| are dropped.
     Returns (X (N, r), signs (r,) of ±1 in X's dtype): d² = ((Xᵢ−Xⱼ)² · signs).sum().
