@@ -8,7 +8,7 @@ projector pretraining, α search (α on validation batches, projectors on traini
 α fixed. Prints the α trajectory and the final accuracy against each component alone, both as it was handed
 to the hybrid and after the same number of extra fine-tuning steps as the hybrid got (a fair budget).
 
-    python examples/manticore_mad.py [--component-steps 1200] [--search-steps 80] [--finetune-steps 400]
+    python examples/manticore_mad.py [--component-steps 1200] [--search-steps 120] [--finetune-steps 400]
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def accuracy(forward, data) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--component-steps", type=int, default=1200)
-    parser.add_argument("--projector-steps", type=int, default=40)
-    parser.add_argument("--search-steps", type=int, default=80)
+    parser.add_argument("--projector-steps", type=int, default=200)
+    parser.add_argument("--search-steps", type=int, default=120)
     parser.add_argument("--finetune-steps", type=int, default=400)
-    parser.add_argument("--finetune-lr", type=float, default=3e-3, help="for the hybrid and for each component alone")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="for the hybrid and for each component alone")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the components' pretraining")
     parser.add_argument("--width", type=int, default=64)
