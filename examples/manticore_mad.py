@@ -8,7 +8,7 @@ projector pretraining, α search (α on validation batches, projectors on traini
 α fixed. Prints the α trajectory and the final accuracy against each component alone, both as it was handed
 to the hybrid and after the same number of extra fine-tuning steps as the hybrid got (a fair budget).
 
-    python examples/manticore_mad.py [--component-steps 300] [--search-steps 80] [--finetune-steps 200]
+    python examples/manticore_mad.py [--component-steps 1200] [--search-steps 120] [--finetune-steps 400]
 """
 
 from __future__ import annotations
@@ -74,23 +74,27 @@ def train_component(model, data, steps, lr, label):
 
 
 @torch.no_grad()
-def accuracy(forward, data) -> float:
-    hits = total = 0
+def accuracy(forward, data) -> str:
+    """Accuracy and mean loss on the answers."""
+    hits = total = loss = 0.0
     with use_shammie_kernels():
         for batch in data:
             logits = forward(batch["input_ids"])
             hits += (logits[:, -2].argmax(-1) == batch["input_ids"][:, -1]).sum().item()
+            loss += lm_loss(logits, batch["labels"]).item() * batch["input_ids"].shape[0]
             total += batch["input_ids"].shape[0]
-    return hits / total
+    return f"{hits / total:.3f} (loss {loss / total:.3f})"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--component-steps", type=int, default=300)
-    parser.add_argument("--projector-steps", type=int, default=40)
-    parser.add_argument("--search-steps", type=int, default=80)
-    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--component-steps", type=int, default=1200)
+    parser.add_argument("--projector-steps", type=int, default=200)
+    parser.add_argument("--search-steps", type=int, default=120)
+    parser.add_argument("--finetune-steps", type=int, default=400)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="for the hybrid and for each component alone")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the components' pretraining")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--mixtures", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,8 +107,8 @@ def main(argv=None):
     n_train = max(args.component_steps, args.projector_steps, args.search_steps, args.finetune_steps)
     train, val, test = batches(1, n_train, args.batch), batches(2, 16, args.batch), batches(3, 16, 64)
 
-    components = {"gpt2": train_component(gpt2(args.width), train, args.component_steps, 3e-3, "pretrain GPT-2"),
-                  "mamba": train_component(mamba(args.width), train, args.component_steps, 3e-3, "pretrain Mamba")}
+    components = {"gpt2": train_component(gpt2(args.width), train, args.component_steps, args.lr, "pretrain GPT-2"),
+                  "mamba": train_component(mamba(args.width), train, args.component_steps, args.lr, "pretrain Mamba")}
     alone = {name: accuracy(lambda ids, m=m.eval(): m(ids).logits, test) for name, m in components.items()}
 
     hybrid = Manticore.from_models([copy.deepcopy(m) for m in components.values()], n_mixtures=args.mixtures,
@@ -119,20 +123,20 @@ def main(argv=None):
                         for mix in history["alpha"][step])
         print(f"  step {step + 1:4d}  val loss {history['val_loss'][step]:.3f}  {row}")
     searched = accuracy(lambda ids: hybrid.eval()(ids)[0], test)
-    finetune(hybrid, train, steps=args.finetune_steps, lr=1e-3)
+    finetune(hybrid, train, steps=args.finetune_steps, lr=args.finetune_lr)
     print("\nα after search (fixed for fine-tuning)\n" + hybrid.alphas())
     final = accuracy(lambda ids: hybrid.eval()(ids)[0], test)
 
     # the same extra budget for each component alone
-    longer = {name: accuracy(lambda ids, m=train_component(m.train(), train, args.finetune_steps, 1e-3,
+    longer = {name: accuracy(lambda ids, m=train_component(m.train(), train, args.finetune_steps, args.finetune_lr,
                                                            f"fine-tune {name} alone").eval(): m(ids).logits, test)
               for name, m in components.items()}
 
     print(f"\nassociative recall ({PAIRS} pairs, {KEYS} keys, {VALUES} values), accuracy on {16 * 64} test sequences:")
     for name in names:
-        print(f"  {name:<6} alone: {alone[name]:.3f} after {args.component_steps} steps; {longer[name]:.3f} after "
+        print(f"  {name:<6} alone: {alone[name]} after {args.component_steps} steps; {longer[name]} after "
               f"{args.finetune_steps} more")
-    print(f"  hybrid: {searched:.3f} after projector pretraining + search; {final:.3f} after {args.finetune_steps} "
+    print(f"  hybrid: {searched} after projector pretraining + search; {final} after {args.finetune_steps} "
           "fine-tuning steps")
     print(f"total time {time.perf_counter() - start:.0f} s")
 

@@ -323,3 +323,19 @@ def test_bench_harness_takes_token_ids():
                 flops_forward=1.0, flops_backward=1.0)
     row = measure(case, torch.device("cpu"), min_run_time=0.001)
     assert row["ours_fwdbwd_s"] > 0 and row["peer_fwdbwd_s"] > 0
+
+
+def test_mad_example_runs():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(root / "examples" / "manticore_mad.py"), "--component-steps", "3",
+                             "--projector-steps", "2", "--search-steps", "2", "--finetune-steps", "2"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "α trajectory during search" in result.stdout and "hybrid:" in result.stdout
+    assert "mamba  alone:" in result.stdout and "gpt2   alone:" in result.stdout
