@@ -105,11 +105,9 @@ def _scan_case(name, batch, dim, L, N, dtype, peer: str) -> Case:
 
 
 def _mambapy_available() -> bool:
-    try:
-        import mambapy.pscan  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+
+    return importlib.util.find_spec("mambapy") is not None
 
 
 def scan_cases(device: torch.device, dtypes=None, shapes=None, peers=("mambapy",)) -> list[Case]:

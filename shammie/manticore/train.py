@@ -105,19 +105,24 @@ def _postfix(bar, losses, every=10):
         bar.set_postfix(loss=f"{losses[-1].item():.4f}")
 
 
-def pretrain_projectors(hybrid: Manticore, loader: Iterable, steps: int | None = None, lr: float = 1e-3,
-                        progress: bool = True) -> dict:
-    """Train the projectors alone (models and α frozen) on the LM loss; returns {"loss": [...]}."""
-    set_trainable(hybrid, models=False, projectors=True, alpha=False)
-    params = hybrid.projector_parameters()
+def _train(hybrid: Manticore, loader: Iterable, steps: int | None, params: list, lr: float, desc: str,
+           progress: bool) -> dict:
+    """One AdamW loop over `params` on the LM loss (the phases differ only in what trains)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     hybrid.train()
     losses = []
-    bar = tqdm(_cycle(loader, steps), total=_total(loader, steps), desc="pretrain projectors", disable=not progress)
+    bar = tqdm(_cycle(loader, steps), total=_total(loader, steps), desc=desc, disable=not progress)
     for batch in bar:
         losses.append(_step(hybrid, batch, _device(hybrid), optimizer, params))
         _postfix(bar, losses)
     return {"loss": [l.item() for l in losses]}
+
+
+def pretrain_projectors(hybrid: Manticore, loader: Iterable, steps: int | None = None, lr: float = 1e-3,
+                        progress: bool = True) -> dict:
+    """Train the projectors alone (models and α frozen) on the LM loss; returns {"loss": [...]}."""
+    set_trainable(hybrid, models=False, projectors=True, alpha=False)
+    return _train(hybrid, loader, steps, hybrid.projector_parameters(), lr, "pretrain projectors", progress)
 
 
 def search(hybrid: Manticore, train_loader: Iterable, val_loader: Iterable, steps: int | None = None,
@@ -168,12 +173,4 @@ def finetune(hybrid: Manticore, loader: Iterable, steps: int | None = None, lr: 
         with torch.no_grad():
             hybrid.program(hybrid.mixture_weights().detach().double().cpu())
     set_trainable(hybrid, models="models" in train, projectors="projectors" in train, alpha=False)
-    params = [p for p in hybrid.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    hybrid.train()
-    losses = []
-    bar = tqdm(_cycle(loader, steps), total=_total(loader, steps), desc="finetune", disable=not progress)
-    for batch in bar:
-        losses.append(_step(hybrid, batch, _device(hybrid), optimizer, params))
-        _postfix(bar, losses)
-    return {"loss": [l.item() for l in losses]}
+    return _train(hybrid, loader, steps, [p for p in hybrid.parameters() if p.requires_grad], lr, "finetune", progress)
