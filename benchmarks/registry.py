@@ -10,6 +10,7 @@ OP_FAMILIES = {
     "causal_conv1d": "shammie.benchmarks.causal_conv1d",
     "selective_scan": "shammie.benchmarks.selective_scan",
     "selective_scan_full": "shammie.benchmarks.selective_scan_full",
+    "mamba2_scan": "shammie.benchmarks.mamba2_scan",
     "frechet": "shammie.benchmarks.frechet",
     "loki": "shammie.benchmarks.loki",
     "manticore": "shammie.benchmarks.manticore",

@@ -49,8 +49,14 @@ def test_prefill_logits_match(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_training_gradients_match(device):
-    model, ids = tiny_mamba(device).train(), tokens(device)
+@pytest.mark.parametrize("build,ops", [
+    (tiny_mamba, {"shammie::selective_scan", "shammie::selective_scan_backward", "shammie::causal_conv1d_backward"}),
+    (tiny_mamba2, {"shammie::ssd_scan", "shammie::ssd_scan_backward", "shammie::causal_conv1d_backward"}),
+], ids=["mamba", "mamba2"])
+def test_training_gradients_match(build, ops, device):
+    """Mamba trains through mamba_inner_fn, Mamba2 through the conv and the SSD scan; transformers'
+    own paths are a Python loop (Mamba) and the chunked SSD in torch (Mamba2)."""
+    model, ids = build(device).train(), tokens(device)
 
     def grads():
         model.zero_grad()
@@ -58,13 +64,31 @@ def test_training_gradients_match(device):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    loss_ref, grads_ref = grads()                 # transformers' path: the Python loop
+    loss_ref, grads_ref = grads()
     with use_shammie_kernels():
-        (loss, got), called = ops_called(grads)   # mamba_inner_fn
-    assert {"shammie::selective_scan", "shammie::selective_scan_backward", "shammie::causal_conv1d_backward"} <= called
+        (loss, got), called = ops_called(grads)
+    assert ops <= called
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     for name, g in got.items():
         torch.testing.assert_close(g, grads_ref[name], rtol=2e-3, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba2_prefill_logits_match(device):
+    """No cache, a cache to fill (final states), and a second chunk on a filled cache (initial states)."""
+    model, ids = tiny_mamba2(device).eval(), tokens(device)
+    with torch.no_grad():
+        expected = model(ids).logits
+        first = model(ids[:, :20], use_cache=True)
+        expected_next = model(ids[:, 20:], cache=first.cache, use_cache=True).logits
+        with use_shammie_kernels():
+            got, called = ops_called(lambda: model(ids).logits)
+            cached = model(ids[:, :20], use_cache=True)
+            got_next = model(ids[:, 20:], cache=cached.cache, use_cache=True).logits
+    assert {"shammie::causal_conv1d", "shammie::ssd_scan"} <= called
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached.logits, first.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_next, expected_next, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,8 +7,11 @@ Python loop over the sequence). `use_shammie_kernels()` rebinds those names to s
 - Mamba (`MambaForCausalLM`, `MambaModel`): training (`mamba_inner_fn`), prefill (`causal_conv1d_fn`
   + `selective_scan_fn` with the last state for the cache) and decode (`causal_conv1d_update` +
   `selective_state_update`).
-- Mamba2: the convolutions and the decode step. Its prefill and training use the chunked SSD scan
-  (`mamba_chunk_scan_combined`), which shammie does not implement, so they stay on transformers' torch path.
+- Mamba2 (`Mamba2ForCausalLM`, `Mamba2Model`): training and prefill (`causal_conv1d_fn` +
+  `mamba_chunk_scan_combined`, with the start state of a chunked prefill and the final state for the
+  cache) and decode (`causal_conv1d_update` + `selective_state_update`). transformers' fused training
+  entry (`mamba_split_conv1d_scan_combined`) stays its no-op fallback, so training takes the unfused
+  path through the same two ops.
 
 Call it once, or use it as a context manager; `restore()` (or leaving the `with`) undoes it.
 """
@@ -16,6 +19,7 @@ Call it once, or use it as a context manager; `restore()` (or leaving the `with`
 from __future__ import annotations
 
 import importlib
+import math
 
 import shammie
 from shammie.mamba_inner import mamba_inner_fn
@@ -54,6 +58,15 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
     return shammie.selective_scan_fn(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+def mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+                      dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False, z=None, **kwargs):
+    """transformers' `mamba2_chunk_scan` signature (mamba_ssm's `mamba_chunk_scan_combined`)."""
+    _no_packed_sequences(kwargs, "mamba_chunk_scan_combined")
+    return shammie.mamba_chunk_scan_combined(hidden_states, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                             initial_states=initial_states, dt_softplus=dt_softplus,
+                                             dt_limit=dt_limit, return_final_states=return_final_states)
+
+
 # module -> {name in that module: shammie's replacement}
 _REPLACEMENTS = {
     "transformers.models.mamba.modeling_mamba": {
@@ -67,6 +80,7 @@ _REPLACEMENTS = {
         "causal_conv1d_fn": causal_conv1d_fn,
         "causal_conv1d_update": causal_conv1d_update,
         "mamba2_selective_state_update": selective_state_update,
+        "mamba2_chunk_scan": mamba2_chunk_scan,
     },
 }
 

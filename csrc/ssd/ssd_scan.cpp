@@ -1,0 +1,197 @@
+// ssd_scan: schemas, the front end shared by CPU and CUDA, and the CPU registration.
+#include "ssd/ssd_scan.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cpu_isa.h"
+
+namespace shammie {
+
+SHAMMIE_DECLARE_CPU_KERNELS(void ssd_scan_forward(const ssd::SsdForwardArgs& args);
+                            void ssd_scan_backward(const ssd::SsdBackwardArgs& args);)
+
+namespace ssd {
+namespace {
+
+constexpr const char* kOp = "ssd_scan";
+
+// A per-head or per-row parameter, in the accumulation dtype, with zeros when absent.
+at::Tensor parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t size,
+                     at::ScalarType acc) {
+  if (!t) return at::zeros({size}, x.options().dtype(acc));
+  check_floating(kOp, {*t, name});
+  check_same_device(kOp, {x, "x"}, {*t, name});
+  return t->to(acc).reshape({size}).contiguous();
+}
+
+SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                  const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
+                  bool softplus) {
+  check_rank(kOp, {x, "x"}, 4, "(batch, seqlen, nheads, headdim)");
+  check_floating(kOp, {x, "x"});
+  const int64_t batch = x.size(0), seqlen = x.size(1), heads = x.size(2), headdim = x.size(3);
+  check_rank(kOp, {B, "B"}, 4, "(batch, seqlen, ngroups, dstate)");
+  const int64_t groups = B.size(2), dstate = B.size(3);
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxDstate, kOp, ": B and C must have 1 <= dstate <= ", kMaxDstate,
+                    ", got ", dstate);
+  TORCH_CHECK_VALUE(groups >= 1 && heads % groups == 0, kOp, ": nheads (", heads, ") must be a multiple of ngroups (",
+                    groups, ")");
+  for (Arg a : {Arg{dt, "dt"}, Arg{A, "A"}, Arg{B, "B"}, Arg{C, "C"}}) check_same_device(kOp, {x, "x"}, a);
+  check_shape(kOp, {dt, "dt"}, {batch, seqlen, heads}, "(batch, seqlen, nheads)");
+  check_same_dtype(kOp, {x, "x"}, {dt, "dt"});
+  check_shape(kOp, {C, "C"}, B.sizes(), "(batch, seqlen, ngroups, dstate) like B");
+  check_shape(kOp, {B, "B"}, {batch, seqlen, groups, dstate}, "(batch, seqlen, ngroups, dstate)");
+  for (Arg a : {Arg{B, "B"}, Arg{C, "C"}, Arg{A, "A"}}) {
+    TORCH_CHECK_TYPE(!a.tensor.is_complex(), kOp, ": complex ", a.name, " is not supported");
+    check_floating(kOp, a);
+  }
+  check_shape(kOp, {A, "A"}, {heads}, "(nheads,)");
+  if (z) {
+    check_same_device(kOp, {x, "x"}, {*z, "z"});
+    check_shape(kOp, {*z, "z"}, x.sizes(), "(batch, seqlen, nheads, headdim) like x");
+    check_same_dtype(kOp, {x, "x"}, {*z, "z"});
+  }
+  if (D) {
+    TORCH_CHECK_VALUE(D->sizes() == at::IntArrayRef{heads} || D->sizes() == at::IntArrayRef({heads, headdim}), kOp,
+                      ": D must have shape (", heads, ",) or (", heads, ", ", headdim, "), got ", D->sizes());
+  }
+  if (dt_bias) check_shape(kOp, {*dt_bias, "dt_bias"}, {heads}, "(nheads,)");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::optional<at::Tensor> initial;
+  if (initial_states) {
+    check_floating(kOp, {*initial_states, "initial_states"});
+    check_same_device(kOp, {x, "x"}, {*initial_states, "initial_states"});
+    check_shape(kOp, {*initial_states, "initial_states"}, {batch, heads, headdim, dstate},
+                "(batch, nheads, headdim, dstate)");
+    initial = initial_states->to(acc).contiguous();
+  }
+  // D per row: a per-head D is the same for the head's headdim rows.
+  at::Tensor D_rows = D ? parameter(D, "D", x, D->dim() == 1 ? heads : heads * headdim, acc) : at::Tensor();
+  D_rows = D_rows.defined() ? D_rows.reshape({heads, -1}).expand({heads, headdim}).reshape({heads * headdim}).contiguous()
+                            : at::zeros({heads * headdim}, x.options().dtype(acc));
+  return SsdArgs{batch, seqlen, heads, headdim, groups, dstate, softplus,
+                 x.contiguous(), dt.contiguous(), z ? std::optional<at::Tensor>(z->contiguous()) : std::nullopt,
+                 A.to(acc).contiguous(), B.to(acc).contiguous(), C.to(acc).contiguous(), D_rows,
+                 parameter(dt_bias, "dt_bias", x, heads, acc), initial, at::Tensor()};
+}
+
+std::vector<int64_t> checkpoint_shape(const SsdArgs& in) {
+  return {in.batch, in.heads, num_checkpoints(in.seqlen), in.headdim, in.dstate};
+}
+
+std::vector<int64_t> state_shape(const SsdArgs& in) { return {in.batch, in.heads, in.headdim, in.dstate}; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
+    const std::optional<at::Tensor>& initial_states, bool dt_softplus, SsdForwardKernel kernel) {
+  SsdArgs in = make_args(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus);
+  in.checkpoints = at::zeros(checkpoint_shape(in), in.A.options());
+  at::Tensor final_state = in.initial_states ? in.initial_states->clone() : at::zeros(state_shape(in), in.A.options());
+  SsdForwardArgs args{in, at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)), final_state};
+  if (in.batch * in.seqlen * in.heads * in.headdim > 0) {
+    kernel(args);
+  } else if (in.initial_states && in.seqlen == 0) {
+    args.in.checkpoints.select(2, 0).copy_(*in.initial_states);
+  }
+  return {args.out, in.checkpoints, args.final_state};
+}
+
+std::vector<at::Tensor> ssd_scan_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final, const at::Tensor& x,
+    const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
+    const std::optional<at::Tensor>& initial_states, const at::Tensor& checkpoints, bool dt_softplus,
+    SsdBackwardKernel kernel) {
+  SsdArgs in = make_args(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus);
+  check_same_device(kOp, {x, "x"}, {checkpoints, "checkpoints"});
+  check_shape(kOp, {checkpoints, "checkpoints"}, checkpoint_shape(in),
+              "(batch, nheads, num_checkpoints, headdim, dstate), as the forward returned");
+  TORCH_CHECK_TYPE(checkpoints.scalar_type() == in.A.scalar_type(), kOp, ": checkpoints must be ",
+                   in.A.scalar_type(), ", as the forward returned, got ", checkpoints.scalar_type());
+  in.checkpoints = checkpoints.contiguous();
+  check_same_device(kOp, {x, "x"}, {grad_out, "grad_out"});
+  check_shape(kOp, {grad_out, "grad_out"}, x.sizes(), "(batch, seqlen, nheads, headdim) like x");
+  check_same_dtype(kOp, {x, "x"}, {grad_out, "grad_out"});
+  std::optional<at::Tensor> grad_fin;
+  if (grad_final) {
+    check_same_device(kOp, {x, "x"}, {*grad_final, "grad_final"});
+    check_shape(kOp, {*grad_final, "grad_final"}, state_shape(in), "(batch, nheads, headdim, dstate)");
+    grad_fin = grad_final->to(in.A.scalar_type()).contiguous();
+  }
+  const auto like = [](const at::Tensor& t) { return at::empty(t.sizes(), t.options()); };
+  SsdBackwardArgs args{in, grad_out.contiguous(), grad_fin, like(in.x), like(in.dt),
+                       z ? std::optional<at::Tensor>(like(in.x)) : std::nullopt,
+                       at::zeros_like(in.A), at::zeros_like(in.B), at::zeros_like(in.C), at::zeros_like(in.D),
+                       at::zeros_like(in.dt_bias),
+                       initial_states ? std::optional<at::Tensor>(at::empty(state_shape(in), in.A.options()))
+                                      : std::nullopt};
+  if (in.batch * in.seqlen * in.heads * in.headdim > 0) {
+    kernel(args);
+  } else {
+    args.dx.zero_();
+    args.ddt.zero_();
+    if (args.dz) args.dz->zero_();
+    if (args.dinitial_states) {  // an empty sequence passes the state through
+      if (grad_fin && in.seqlen == 0) args.dinitial_states->copy_(*grad_fin);
+      else args.dinitial_states->zero_();
+    }
+  }
+  // Back to the inputs' shapes and dtypes: D per head sums its rows.
+  at::Tensor dD = args.dD;
+  if (D) dD = (D->dim() == 1 ? dD.reshape({in.heads, in.headdim}).sum(1) : dD.reshape(D->sizes())).to(D->scalar_type());
+  const auto empty = at::empty({0}, x.options());
+  return {args.dx,
+          args.ddt,
+          args.dA.to(A.scalar_type()),
+          args.dB.to(B.scalar_type()),
+          args.dC.to(C.scalar_type()),
+          dD,
+          args.dz ? *args.dz : empty,
+          args.ddt_bias,
+          args.dinitial_states ? args.dinitial_states->to(initial_states->scalar_type()) : empty};
+}
+
+}  // namespace ssd
+
+namespace {
+void forward_cpu(const ssd::SsdForwardArgs& a) { SHAMMIE_CPU_DISPATCH(ssd_scan_forward, a); }
+void backward_cpu(const ssd::SsdBackwardArgs& a) { SHAMMIE_CPU_DISPATCH(ssd_scan_backward, a); }
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shammie, m) {
+  m.def(
+      "ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, "
+      "Tensor? initial_states, bool dt_softplus) -> (Tensor out, Tensor checkpoints, Tensor final_state)");
+  m.def(
+      "ssd_scan_backward(Tensor grad_out, Tensor? grad_final, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+      "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor checkpoints, bool dt_softplus) "
+      "-> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(shammie, CPU, m) {
+  m.impl("ssd_scan", [](const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                        const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
+                        bool dt_softplus) {
+    return ssd::ssd_scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, forward_cpu);
+  });
+  m.impl("ssd_scan_backward",
+         [](const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final, const at::Tensor& x,
+            const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+            const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
+            const at::Tensor& checkpoints, bool dt_softplus) {
+           return ssd::ssd_scan_backward(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                         checkpoints, dt_softplus, backward_cpu);
+         });
+}
+
+}  // namespace shammie

@@ -1,0 +1,82 @@
+// ssd_scan: Mamba-2's selective scan ("SSD"), mamba_ssm's mamba_chunk_scan_combined contract
+// (shammie/mamba2.py adds dt_limit). Heads h of headdim P share one scalar decay; B and C are shared
+// by the heads of a group g = h / (H / G). For each (batch b, head h, row p, state n), t = 0..L−1:
+//   dt_t = softplus(dt[b,t,h] + dt_bias_h) (or without softplus),  a_t = exp(dt_t·A_h)
+//   S_t[p,n] = a_t·S_{t−1}[p,n] + dt_t·x_t[p]·B_t[g,n],   S_{−1} = initial state (or 0)
+//   y_t[p] = Σ_n C_t[g,n]·S_t[p,n] + D[h,p]·x_t[p],   out = y·silu(z) when z is given.
+//
+// Each row p is an independent recurrence over the N-vector S[p,:] with a scalar decay, so the
+// kernels run rows in parallel and vectorize over n (CPU) or put n on threads (CUDA). The forward
+// saves the state at the start of every checkpoint interval of kInterval steps; the backward
+// recomputes one interval at a time from those and sweeps it in reverse:
+//   G ← grad of the final state;  for t descending:  G += dy_t·C_t;  (gradients of step t from G,
+//   S_t, S_{t−1});  G ← a_t·G.   At the end, G is the gradient of the initial state.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "common/host_device.h"
+
+namespace shammie::ssd {
+
+constexpr int64_t kMaxDstate = 256;
+constexpr int64_t kInterval = 128;   // steps between saved states: about N/128 floats per activation
+
+SHAMMIE_HD int64_t num_checkpoints(int64_t seqlen) { return seqlen == 0 ? 1 : (seqlen + kInterval - 1) / kInterval; }
+
+// What the kernels see, after the front end's checks. Activations keep mamba_ssm's layouts and are
+// contiguous: x, z (batch, L, H, P) and dt (batch, L, H) in the input dtype; B, C (batch, L, G, N)
+// in the accumulation dtype (float, or double for float64 inputs), like every parameter.
+struct SsdArgs {
+  int64_t batch, seqlen, heads, headdim, groups, dstate;
+  bool softplus;
+  at::Tensor x, dt;
+  std::optional<at::Tensor> z;
+  at::Tensor A;                               // (H,)
+  at::Tensor B, C;                            // (batch, L, G, N)
+  at::Tensor D;                               // (H·P,), per row (zeros when absent)
+  at::Tensor dt_bias;                         // (H,) (zeros when absent)
+  std::optional<at::Tensor> initial_states;   // (batch, H, P, N)
+  at::Tensor checkpoints;                     // (batch, H, num_checkpoints, P, N): S at t = k·kInterval
+  int64_t heads_per_group() const { return heads / groups; }
+};
+
+struct SsdForwardArgs {
+  SsdArgs in;
+  at::Tensor out;           // (batch, L, H, P), input dtype
+  at::Tensor final_state;   // (batch, H, P, N), accumulation dtype
+};
+
+// Gradient outputs arrive zero-filled where they accumulate (dA, dB, dC, dD, ddt_bias); the kernel
+// writes every element of dx, ddt, dz and dinitial_states.
+struct SsdBackwardArgs {
+  SsdArgs in;
+  at::Tensor grad_out;                        // (batch, L, H, P), input dtype
+  std::optional<at::Tensor> grad_final;       // (batch, H, P, N), accumulation dtype
+  at::Tensor dx, ddt;                         // like x, dt (input dtype)
+  std::optional<at::Tensor> dz;               // when z is given
+  at::Tensor dA, dB, dC, dD, ddt_bias;        // like in.A, in.B, in.C, in.D, in.dt_bias
+  std::optional<at::Tensor> dinitial_states;  // when initial states are given
+};
+
+using SsdForwardKernel = void (*)(const SsdForwardArgs&);
+using SsdBackwardKernel = void (*)(const SsdBackwardArgs&);
+
+// Return (out, checkpoints, final_state).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
+    const std::optional<at::Tensor>& initial_states, bool dt_softplus, SsdForwardKernel kernel);
+
+// Return (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); dz and dinitial_states are empty
+// when z / initial_states are absent; dD has D's shape.
+std::vector<at::Tensor> ssd_scan_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final, const at::Tensor& x,
+    const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
+    const std::optional<at::Tensor>& initial_states, const at::Tensor& checkpoints, bool dt_softplus,
+    SsdBackwardKernel kernel);
+
+}  // namespace shammie::ssd

@@ -1,0 +1,278 @@
+// CPU kernels of ssd_scan (math in ssd_scan.h), compiled once per instruction set.
+//
+// Every row p of a head is its own recurrence over the N-vector S[p,:] with the head's scalar decay,
+// so the inner loops run over n, contiguous in B, C and the state: they vectorize, and the decay
+// exp(dt·A) is computed once per (head, step) rather than once per state. Time is blocked in
+// checkpoint intervals; within one, each row runs all its steps before the next row starts, so the
+// interval's B and C rows stay in cache across the head's P rows.
+//
+// Forward work items are (batch, head). The backward's dB and dC sum over the heads of a group, so
+// its work items are (batch, group, slice of the group's heads), each slice summing into its own
+// copy of dB and dC (no races); the copies are added at the end, in a fixed order.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/cpu_isa.h"
+#include "selective_scan/ssm_math.h"
+#include "ssd/ssd_scan.h"
+
+SHAMMIE_CPU_TARGET_BEGIN
+
+namespace shammie::SHAMMIE_CPU_NAMESPACE {
+namespace {
+
+using ssd::kInterval;
+constexpr int64_t kBackwardItems = 16;
+
+// The arguments as pointers and sizes; element (b, t, h, p) of x at x_at(b, t, h) + p.
+template <typename scalar_t, typename acc_t>
+struct View {
+  int64_t L, H, P, G, N, heads_per_group, n_cp;
+  bool softplus;
+  const scalar_t* x;
+  const scalar_t* dt;
+  const scalar_t* z;
+  const acc_t* A;
+  const acc_t* B;
+  const acc_t* C;
+  const acc_t* D;
+  const acc_t* bias;
+  const acc_t* initial;
+
+  static View of(const ssd::SsdArgs& a) {
+    return {a.seqlen, a.heads, a.headdim, a.groups, a.dstate, a.heads_per_group(), ssd::num_checkpoints(a.seqlen),
+            a.softplus, a.x.data_ptr<scalar_t>(), a.dt.data_ptr<scalar_t>(),
+            a.z ? a.z->data_ptr<scalar_t>() : nullptr, a.A.data_ptr<acc_t>(), a.B.data_ptr<acc_t>(),
+            a.C.data_ptr<acc_t>(), a.D.data_ptr<acc_t>(), a.dt_bias.data_ptr<acc_t>(),
+            a.initial_states ? a.initial_states->data_ptr<acc_t>() : nullptr};
+  }
+  int64_t x_at(int64_t b, int64_t t, int64_t h) const { return ((b * L + t) * H + h) * P; }
+  int64_t bc_at(int64_t b, int64_t t, int64_t h) const { return ((b * L + t) * G + h / heads_per_group) * N; }
+  int64_t state_at(int64_t b, int64_t h) const { return (b * H + h) * P * N; }
+  int64_t checkpoint_at(int64_t b, int64_t h, int64_t k) const { return ((b * H + h) * n_cp + k) * P * N; }
+};
+
+// Per step of (b, h): dt_t, the decay a_t = exp(dt_t·A_h), and (when asked) d dt_t / d raw dt.
+template <typename scalar_t, typename acc_t>
+void step_sizes(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* dts, acc_t* decay, acc_t* slope) {
+  const scalar_t* dt = v.dt + b * v.L * v.H + h;
+  for (int64_t t = 0; t < v.L; ++t) {
+    const acc_t raw = acc_t(dt[t * v.H]) + v.bias[h];
+    dts[t] = ssm::step_size(raw, acc_t(0), v.softplus);
+    decay[t] = vexp(dts[t] * v.A[h]);
+    if (slope) slope[t] = v.softplus && raw <= acc_t(20) ? acc_t(1) / (acc_t(1) + vexp(-raw)) : acc_t(1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+void forward_head(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* work, scalar_t* out,
+                  acc_t* checkpoints, acc_t* final_state) {
+  const int64_t L = v.L, P = v.P, N = v.N;
+  acc_t* dts = work;
+  acc_t* decay = dts + L;
+  acc_t* S = decay + L;                                   // (P, N)
+  step_sizes(v, b, h, dts, decay, static_cast<acc_t*>(nullptr));
+  if (v.initial) std::copy_n(v.initial + v.state_at(b, h), P * N, S);
+  else std::fill_n(S, P * N, acc_t(0));
+  for (int64_t k = 0; k < v.n_cp; ++k) {
+    const int64_t t0 = k * kInterval, t1 = std::min(L, t0 + kInterval);
+    std::copy_n(S, P * N, checkpoints + v.checkpoint_at(b, h, k));
+    for (int64_t p = 0; p < P; ++p) {
+      acc_t* s = S + p * N;
+      const acc_t Dp = v.D[h * P + p];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t at = v.x_at(b, t, h) + p;
+        const acc_t xv = acc_t(v.x[at]), coef = dts[t] * xv, a = decay[t];
+        const acc_t* Bt = v.B + v.bc_at(b, t, h);
+        const acc_t* Ct = v.C + v.bc_at(b, t, h);
+        acc_t y = 0;
+#pragma omp simd reduction(+ : y)
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t sn = a * s[n] + coef * Bt[n];
+          s[n] = sn;
+          y += sn * Ct[n];
+        }
+        y += Dp * xv;
+        if (v.z) y = ssm::gate(y, acc_t(v.z[at]));
+        out[at] = scalar_t(y);
+      }
+    }
+  }
+  std::copy_n(S, P * N, final_state + v.state_at(b, h));
+}
+
+template <typename scalar_t, typename acc_t>
+void forward(const ssd::SsdForwardArgs& a) {
+  const auto v = View<scalar_t, acc_t>::of(a.in);
+  scalar_t* out = a.out.data_ptr<scalar_t>();
+  acc_t* checkpoints = a.in.checkpoints.data_ptr<acc_t>();
+  acc_t* final_state = a.final_state.data_ptr<acc_t>();
+  at::parallel_for(0, a.in.batch * v.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> work(2 * v.L + v.P * v.N);
+    for (int64_t i = begin; i < end; ++i) forward_head(v, i / v.H, i % v.H, work.data(), out, checkpoints, final_state);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Where one backward work item writes: its own copy of dB / dC, and per-(batch, head) partial sums.
+template <typename scalar_t, typename acc_t>
+struct BackwardOut {
+  const scalar_t* grad_out;
+  const acc_t* grad_final;
+  const acc_t* checkpoints;
+  scalar_t* dx;
+  scalar_t* ddt;
+  scalar_t* dz;
+  acc_t* dinitial;
+  acc_t* dB;           // (slices, batch, L, G, N)
+  acc_t* dC;
+  int64_t slice_size;  // batch·L·G·N
+  acc_t* dA;           // (batch, H)
+  acc_t* dD;           // (batch, H·P)
+  acc_t* dbias;        // (batch, H)
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_head(const View<scalar_t, acc_t>& v, const BackwardOut<scalar_t, acc_t>& o, int64_t b, int64_t h,
+                   int64_t slice, acc_t* work) {
+  const int64_t L = v.L, P = v.P, N = v.N;
+  acc_t* dts = work;
+  acc_t* decay = dts + L;
+  acc_t* slope = decay + L;
+  acc_t* ddt = slope + L;                    // gradient w.r.t. dt_t (after softplus)
+  acc_t* G = ddt + L;                        // (P, N): gradient w.r.t. the state, carried back in time
+  acc_t* S = G + P * N;                      // (kInterval + 1, N): one row's states in the interval
+  step_sizes(v, b, h, dts, decay, slope);
+  std::fill_n(ddt, L, acc_t(0));
+  if (o.grad_final) std::copy_n(o.grad_final + v.state_at(b, h), P * N, G);
+  else std::fill_n(G, P * N, acc_t(0));
+  acc_t* dB = o.dB + slice * o.slice_size;
+  acc_t* dC = o.dC + slice * o.slice_size;
+  const acc_t A = v.A[h];
+  double dA = 0;   // long sums of scalars (over L·P steps) accumulate in double
+  for (int64_t k = v.n_cp - 1; k >= 0; --k) {
+    const int64_t t0 = k * kInterval, t1 = std::min(L, t0 + kInterval);
+    for (int64_t p = 0; p < P; ++p) {
+      // The row's states S_{t0−1} .. S_{t1−1}, recomputed from the checkpoint.
+      std::copy_n(o.checkpoints + v.checkpoint_at(b, h, k) + p * N, N, S);
+      for (int64_t t = t0; t < t1; ++t) {
+        const acc_t coef = dts[t] * acc_t(v.x[v.x_at(b, t, h) + p]), a = decay[t];
+        const acc_t* Bt = v.B + v.bc_at(b, t, h);
+        const acc_t* prev = S + (t - t0) * N;
+        acc_t* cur = S + (t - t0 + 1) * N;
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) cur[n] = a * prev[n] + coef * Bt[n];
+      }
+      acc_t* g = G + p * N;
+      const acc_t Dp = v.D[h * P + p];
+      double dD = 0;
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        const int64_t at = v.x_at(b, t, h) + p, bc = v.bc_at(b, t, h);
+        const acc_t* cur = S + (t - t0 + 1) * N;
+        const acc_t* prev = cur - N;
+        const acc_t *Bt = v.B + bc, *Ct = v.C + bc;
+        acc_t *dBt = dB + bc, *dCt = dC + bc;
+        const acc_t xv = acc_t(v.x[at]), go = acc_t(o.grad_out[at]);
+        acc_t dy = go;
+        if (v.z) {   // out = y·silu(z): dy = go·silu(z), dz = go·y·silu'(z)
+          acc_t y = Dp * xv;
+#pragma omp simd reduction(+ : y)
+          for (int64_t n = 0; n < N; ++n) y += cur[n] * Ct[n];
+          const acc_t zv = acc_t(v.z[at]), sig = acc_t(1) / (acc_t(1) + vexp(-zv));
+          o.dz[at] = scalar_t(go * y * sig * (acc_t(1) + zv * (acc_t(1) - sig)));
+          dy = go * zv * sig;
+        }
+        const acc_t coef = dts[t] * xv, a = decay[t];
+        acc_t dcoef = 0, da = 0;
+#pragma omp simd reduction(+ : dcoef, da)
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t gn = g[n] + dy * Ct[n];     // d loss / d S_t
+          dCt[n] += dy * cur[n];
+          dBt[n] += coef * gn;
+          dcoef += gn * Bt[n];
+          da += gn * prev[n];
+          g[n] = a * gn;                          // d loss / d S_{t−1} through the recurrence
+        }
+        o.dx[at] = scalar_t(dy * Dp + dts[t] * dcoef);
+        dD += dy * xv;
+        ddt[t] += xv * dcoef + da * a * A;
+        dA += da * a * dts[t];
+      }
+      o.dD[b * v.H * P + h * P + p] += acc_t(dD);
+    }
+  }
+  double dbias = 0;
+  for (int64_t t = 0; t < L; ++t) {   // through softplus to the raw dt (and its bias)
+    const acc_t raw_grad = ddt[t] * slope[t];
+    o.ddt[(b * L + t) * v.H + h] = scalar_t(raw_grad);
+    dbias += raw_grad;
+  }
+  o.dbias[b * v.H + h] = acc_t(dbias);
+  o.dA[b * v.H + h] = acc_t(dA);
+  if (o.dinitial) std::copy_n(G, P * N, o.dinitial + v.state_at(b, h));
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(const ssd::SsdBackwardArgs& a) {
+  const auto v = View<scalar_t, acc_t>::of(a.in);
+  const int64_t batch = a.in.batch, per_group = v.heads_per_group;
+  // About kBackwardItems work items, whatever the thread count, so that the sums over slices (and so
+  // the gradients) come out the same on any machine.
+  const int64_t slices = std::clamp<int64_t>((kBackwardItems + batch * v.G - 1) / (batch * v.G), 1, per_group);
+  const int64_t heads_per_slice = (per_group + slices - 1) / slices;
+  const auto acc_opts = a.in.A.options();
+  at::Tensor dB = slices == 1 ? a.dB : at::zeros({slices, batch, v.L, v.G, v.N}, acc_opts);
+  at::Tensor dC = slices == 1 ? a.dC : at::zeros({slices, batch, v.L, v.G, v.N}, acc_opts);
+  at::Tensor dA = at::zeros({batch, v.H}, acc_opts), dbias = at::zeros({batch, v.H}, acc_opts);
+  at::Tensor dD = at::zeros({batch, v.H * v.P}, acc_opts);
+  const BackwardOut<scalar_t, acc_t> o{
+      a.grad_out.data_ptr<scalar_t>(), a.grad_final ? a.grad_final->data_ptr<acc_t>() : nullptr,
+      a.in.checkpoints.data_ptr<acc_t>(), a.dx.data_ptr<scalar_t>(), a.ddt.data_ptr<scalar_t>(),
+      a.dz ? a.dz->data_ptr<scalar_t>() : nullptr, a.dinitial_states ? a.dinitial_states->data_ptr<acc_t>() : nullptr,
+      dB.data_ptr<acc_t>(), dC.data_ptr<acc_t>(), batch * v.L * v.G * v.N, dA.data_ptr<acc_t>(),
+      dD.data_ptr<acc_t>(), dbias.data_ptr<acc_t>()};
+  at::parallel_for(0, batch * v.G * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> work(4 * v.L + v.P * v.N + (kInterval + 1) * v.N);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (v.G * slices), g = i / slices % v.G, slice = i % slices;
+      const int64_t first = g * per_group + slice * heads_per_slice;
+      const int64_t last = std::min(first + heads_per_slice, (g + 1) * per_group);
+      for (int64_t h = first; h < last; ++h) backward_head(v, o, b, h, slice, work.data());
+    }
+  });
+  if (slices > 1) {
+    a.dB.copy_(dB.sum(0));
+    a.dC.copy_(dC.sum(0));
+  }
+  a.dA.copy_(dA.sum(0));
+  a.dD.copy_(dD.sum(0));
+  a.ddt_bias.copy_(dbias.sum(0));
+}
+
+}  // namespace
+
+void ssd_scan_forward(const ssd::SsdForwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.in.x.scalar_type(), "ssd_scan_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward<scalar_t, acc_t>(a);
+  });
+}
+
+void ssd_scan_backward(const ssd::SsdBackwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.in.x.scalar_type(), "ssd_scan_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward<scalar_t, acc_t>(a);
+  });
+}
+
+}  // namespace shammie::SHAMMIE_CPU_NAMESPACE
+
+SHAMMIE_CPU_TARGET_END

@@ -1,0 +1,182 @@
+"""`mamba_chunk_scan_combined`: Mamba-2's SSD scan with mamba_ssm's contract, on CPU and CUDA.
+
+Mamba-2 is Mamba's selective scan with one scalar decay per head: the head's A, dt and dt_bias apply
+to all of its headdim rows, and B, C are shared by the heads of a group. The kernels
+(csrc/ssd/, op `shammie::ssd_scan` and its backward) run each row's recurrence over the N states with
+that scalar decay, start from the initial state when one is given, and return the final state.
+`dt_limit` (dt clamped after softplus) is the one part done here: only a limit other than
+(0, inf) costs anything, dt is then finished in torch and handed to the kernel as is.
+
+mamba_ssm computes the same scan chunk by chunk with matmuls (SSD); `chunk_size` only shapes that
+algorithm, so it is accepted and checked but does not change the result here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_OP = "mamba_chunk_scan_combined"
+_MAX_DSTATE = 256
+_INTERVAL = 128   # csrc/ssd/ssd_scan.h kInterval: steps between the states the forward saves
+_NO_LIMIT = (0.0, math.inf)
+
+
+def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit):
+    """Shapes, devices and kinds of dtype, named in mamba_ssm's terms."""
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: x must be (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
+    batch, seqlen, heads, headdim = x.shape
+    if B.dim() != 4:
+        raise ValueError(f"{_OP}: B must be (batch, seqlen, ngroups, dstate), got {tuple(B.shape)}")
+    groups, dstate = B.shape[2], B.shape[3]
+    expected = {
+        "dt": (dt, (batch, seqlen, heads)),
+        "A": (A, (heads,)),
+        "B": (B, (batch, seqlen, groups, dstate)),
+        "C": (C, (batch, seqlen, groups, dstate)),
+        "z": (z, (batch, seqlen, heads, headdim)),
+        "dt_bias": (dt_bias, (heads,)),
+        "initial_states": (initial_states, (batch, heads, headdim, dstate)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{_OP}: {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: {name} must be on x's device ({x.device}), got {t.device}")
+    if D is not None:
+        if tuple(D.shape) not in ((heads,), (heads, headdim)):
+            raise ValueError(f"{_OP}: D must have shape ({heads},) or ({heads}, {headdim}), got {tuple(D.shape)}")
+        if D.device != x.device:
+            raise ValueError(f"{_OP}: D must be on x's device ({x.device}), got {D.device}")
+    if not 1 <= dstate <= _MAX_DSTATE:
+        raise ValueError(f"{_OP}: B and C must have 1 <= dstate <= {_MAX_DSTATE} (their last dim), got {dstate}")
+    if groups < 1 or heads % groups:
+        raise ValueError(f"{_OP}: nheads ({heads}) must be a multiple of ngroups ({groups})")
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("dt_bias", dt_bias),
+                    ("initial_states", initial_states)):
+        if t is not None and (t.is_complex() or not t.is_floating_point()):
+            raise TypeError(f"{_OP}: {name} must be a real floating-point tensor, got {t.dtype}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    low, high = dt_limit
+    if not low <= high:
+        raise ValueError(f"{_OP}: dt_limit must be (low, high) with low <= high, got {dt_limit}")
+
+
+def _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype):
+    """dt after bias, softplus (identity above 20, as the kernels) and the limit, in `dtype`."""
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = torch.where(dt > 20, dt, F.softplus(dt))
+    return dt.clamp(*dt_limit)
+
+
+def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                              chunk_size: int | None = None, D: torch.Tensor | None = None,
+                              z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+                              initial_states: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                              cu_seqlens: torch.Tensor | None = None, dt_softplus: bool = False,
+                              dt_limit: tuple[float, float] = _NO_LIMIT, return_final_states: bool = False,
+                              return_varlen_states: bool = False):
+    """Mamba-2's scan, mamba_ssm's contract.
+
+    x, z: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A, dt_bias: (nheads,), real;
+    B, C: (batch, seqlen, ngroups, dstate) with nheads % ngroups == 0 and 1 ≤ dstate ≤ 256;
+    D: (nheads,) or (nheads, headdim); initial_states: (batch, nheads, headdim, dstate).
+    x, dt, B, C, z may be float32, float16, bfloat16 or float64 (computed in the widest of them; state
+    and math in float32, float64 for float64). Returns out (batch, seqlen, nheads, headdim) in x's dtype,
+    and with `return_final_states` also the final state (batch, nheads, headdim, dstate) in float32
+    (float64). Differentiable in every tensor argument. Packed sequences (`seq_idx`, `cu_seqlens`,
+    `return_varlen_states`) are not supported.
+    """
+    for name, value in (("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens)):
+        if value is not None:
+            raise NotImplementedError(f"{_OP}: packed sequences ({name}=...) are not supported")
+    if return_varlen_states:
+        raise NotImplementedError(f"{_OP}: return_varlen_states (packed sequences) is not supported")
+    _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit)
+    dtype = x.dtype
+    for t in (dt, B, C, z):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    if tuple(dt_limit) != _NO_LIMIT:
+        # The kernel fuses bias and softplus but not the clamp: finish dt here, in the math dtype,
+        # and scan in that dtype so the finished dt is not rounded back to a 16-bit activation dtype.
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        dt, dt_bias, dt_softplus = _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), None, False
+    cast = lambda t: None if t is None else t.to(dtype)
+    out, _, final_state = torch.ops.shammie.ssd_scan(cast(x), cast(dt), A, cast(B), cast(C), D, cast(z), dt_bias,
+                                                     initial_states, dt_softplus)
+    out = out.to(x.dtype)
+    return (out, final_state) if return_final_states else out
+
+
+# ---- registration: fake kernels and autograd for torch.ops.shammie.ssd_scan ------------------------
+
+def _accumulation_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states):
+    """The checks of csrc/ssd/ssd_scan.cpp, for fake tensors: the layout checks plus one activation dtype."""
+    _check(x, dt, A, B, C, None, D, z, dt_bias, initial_states, _NO_LIMIT)
+    for name, t in (("dt", dt), ("z", z)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"ssd_scan: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
+    batch, seqlen, heads, headdim = x.shape
+    return batch, seqlen, heads, headdim, B.shape[3]
+
+
+def _num_checkpoints(seqlen):
+    return max(1, -(-seqlen // _INTERVAL))
+
+
+@torch.library.register_fake("shammie::ssd_scan")
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus):
+    batch, seqlen, heads, headdim, dstate = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    acc = _accumulation_dtype(x)
+    checkpoints = x.new_empty((batch, heads, _num_checkpoints(seqlen), headdim, dstate), dtype=acc)
+    final_state = x.new_empty((batch, heads, headdim, dstate), dtype=acc)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), checkpoints, final_state
+
+
+@torch.library.register_fake("shammie::ssd_scan_backward")
+def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, dt_softplus):
+    _, _, heads, headdim, _ = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    acc = _accumulation_dtype(x)
+    like = lambda t, dtype=None: torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    nothing = x.new_empty((0,))
+    return [like(x), like(dt), like(A), like(B), like(C),
+            like(D) if D is not None else x.new_empty((heads * headdim,), dtype=acc),
+            like(z) if z is not None else nothing, x.new_empty((heads,), dtype=acc),
+            like(initial_states) if initial_states is not None else nothing]
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[1])
+    ctx.dt_softplus = dt_softplus
+
+
+def _backward(ctx, grad_out, grad_checkpoints, grad_final):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = torch.ops.shammie.ssd_scan_backward(
+        grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, ctx.dt_softplus)
+    return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None,
+            dinitial if initial_states is not None else None, None)
+
+
+torch.library.register_autograd("shammie::ssd_scan", _backward, setup_context=_setup_context)
+
+
+__all__ = ["mamba_chunk_scan_combined"]

@@ -1,0 +1,49 @@
+"""Mamba-2's SSD scan in plain torch, written from the math (sequential in time): the tests' reference
+for `shammie.mamba_chunk_scan_combined`.
+
+Per (batch, head h, headdim p, state n), with g the group of head h:
+    dt_t = clamp(softplus(dt_t + dt_bias_h), dt_limit)   (softplus only when asked, identity above 20;
+                                                          clamp only for a limit other than (0, inf))
+    s_t  = exp(dt_t·A_h)·s_{t−1} + dt_t·x_t[p]·B_t[g, n],   s_0 = initial_states (or 0)
+    y_t  = Σ_n C_t[g, n]·s_t + D·x_t[p],   times silu(z_t) when z is given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def ssd_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                       dt_limit=(0.0, math.inf)):
+    """x, z: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H,); B, C: (batch, L, G, N); D: (H,) or (H, P);
+    initial_states: (batch, H, P, N). Returns (out in x's dtype, final state), computed in float32
+    (float64 for float64 x)."""
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, seqlen, heads, headdim = x.shape
+    per_group = heads // B.shape[2]
+    xs, dt, A = x.to(math_dtype), dt.to(math_dtype), A.to(math_dtype)
+    B = B.to(math_dtype).repeat_interleave(per_group, dim=2)            # (batch, L, H, N)
+    C = C.to(math_dtype).repeat_interleave(per_group, dim=2)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(math_dtype)
+    if dt_softplus:
+        dt = torch.where(dt > 20, dt, F.softplus(dt))
+    if tuple(dt_limit) != (0.0, math.inf):   # mamba_ssm clamps only for a limit set by the caller
+        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    state = (initial_states.to(math_dtype).clone() if initial_states is not None
+             else xs.new_zeros(batch, heads, headdim, B.shape[-1]))
+    ys = []
+    for t in range(seqlen):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                        # (batch, H, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * xs[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append((state * C[:, t, :, None, :]).sum(-1))
+    y = torch.stack(ys, dim=1) if ys else xs.new_zeros(batch, 0, heads, headdim)
+    if D is not None:
+        D = D.to(math_dtype)
+        y = y + (D[:, None] if D.dim() == 1 else D) * xs
+    if z is not None:
+        y = y * F.silu(z.to(math_dtype))
+    return y.to(x.dtype), state

@@ -1,0 +1,258 @@
+"""mamba_chunk_scan_combined (Mamba-2's SSD scan): output, final state and gradients against a
+sequential reference written from the math (shammie/reference/mamba2.py), in every dtype; groups,
+D per head or per channel, z, dt_bias, softplus, dt_limit, initial states; L = 1, L = 0 and L across
+the kernels' checkpoint intervals; every CPU instruction-set copy; gradcheck, opcheck,
+torch.compile(fullgraph=True), determinism across thread counts, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+import shammie
+from shammie.reference.mamba2 import ssd_scan_reference
+from conftest import DEVICES, DTYPES, assert_matches_reference
+
+LOW = ("x", "dt", "B", "C", "z")      # in the activation dtype; A, D, dt_bias, initial_states in float32
+NO_LIMIT = (0.0, math.inf)
+
+
+def make(batch, L, heads, headdim, groups, N, D="head", z=True, bias=True, initial=True, dtype=torch.float32,
+         device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    D_shape = {"head": (heads,), "channel": (heads, headdim), None: None}[D]
+    t = dict(x=r(batch, L, heads, headdim), dt=r(batch, L, heads) * 0.5 - 1,
+             A=-torch.rand(heads, generator=g, dtype=torch.float64) * 2 - 0.1,
+             B=r(batch, L, groups, N), C=r(batch, L, groups, N) * 0.5,
+             D=r(*D_shape) if D_shape else None, z=r(batch, L, heads, headdim) if z else None,
+             dt_bias=r(heads) * 0.3 if bias else None,
+             initial_states=r(batch, heads, headdim, N) if initial else None)
+    return {k: None if v is None else v.to(device=device, dtype=dtype if k in LOW else torch.float32)
+            for k, v in t.items()}
+
+
+def run(fn, inputs, softplus, limit):
+    if fn is ssd_scan_reference:
+        return fn(**inputs, dt_softplus=softplus, dt_limit=limit)
+    return fn(**inputs, chunk_size=16, dt_softplus=softplus, dt_limit=limit, return_final_states=True)
+
+
+def references(inputs, softplus, limit):
+    """float64 reference, and the reference on the same rounded inputs in the kernel's math dtype."""
+    cpu = {k: None if v is None else v.detach().cpu() for k, v in inputs.items()}
+    ref = run(ssd_scan_reference, {k: None if v is None else v.double() for k, v in cpu.items()}, softplus, limit)
+    return ref, run(ssd_scan_reference, cpu, softplus, limit)
+
+
+CASES = {
+    "L=1": dict(batch=2, L=1, heads=4, headdim=3, groups=2, N=16),
+    "L=77 groups=2": dict(batch=2, L=77, heads=4, headdim=5, groups=2, N=16),
+    "L=70 one group, D per channel": dict(batch=1, L=70, heads=3, headdim=4, groups=1, N=8, D="channel"),
+    "L=45 heads=groups, no D/z/bias/initial": dict(batch=2, L=45, heads=3, headdim=2, groups=3, N=4, D=None,
+                                                   z=False, bias=False, initial=False),
+    "L=300 N=128 (Mamba-2's dstate)": dict(batch=1, L=300, heads=2, headdim=4, groups=1, N=128),
+    "L=0": dict(batch=2, L=0, heads=2, headdim=3, groups=1, N=4),
+}
+SETTINGS = {"softplus": (True, NO_LIMIT), "softplus + dt_limit": (True, (0.05, 0.8)), "raw dt": (False, NO_LIMIT)}
+
+
+def positive_dt(inputs, softplus):
+    if not softplus:   # a positive step, as a softplus would give; a negative one makes the state explode
+        inputs["dt"] = inputs["dt"].abs()
+    return inputs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_forward_and_final_state_match_reference(case, dtype, device, setting):
+    softplus, limit = SETTINGS[setting]
+    inputs = positive_dt(make(**CASES[case], dtype=dtype, device=device), softplus)
+    (ref_out, ref_state), (low_out, low_state) = references(inputs, softplus, limit)
+    out, state = run(shammie.mamba_chunk_scan_combined, inputs, softplus, limit)
+    assert_matches_reference(out, ref_out, low_out, "out")
+    assert_matches_reference(state, ref_state, low_state.to(state.dtype), "final state")
+
+
+def gradients(fn, inputs, softplus, limit, seed=1):
+    """Gradients of a random linear function of (out, final state) w.r.t. every tensor input."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    out, state = run(fn, {**inputs, **leaves}, softplus, limit)
+    g = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    w_state = torch.randn(state.shape, generator=g, dtype=torch.float64).to(state.device, state.dtype)
+    loss = (out.to(state.dtype) * w_out.to(state.dtype)).sum() + (state * w_state).sum()
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["L=1", "L=77 groups=2", "L=70 one group, D per channel",
+                                  "L=45 heads=groups, no D/z/bias/initial", "L=300 N=128 (Mamba-2's dstate)"])
+@pytest.mark.parametrize("setting", ["softplus", "softplus + dt_limit"])
+def test_gradients_match_reference(case, dtype, device, setting):
+    softplus, limit = SETTINGS[setting]
+    inputs = make(**CASES[case], dtype=dtype, device=device)
+    got = gradients(shammie.mamba_chunk_scan_combined, inputs, softplus, limit)
+    cpu = {k: None if v is None else v.detach().cpu() for k, v in inputs.items()}
+    ref = gradients(ssd_scan_reference, {k: None if v is None else v.double() for k, v in cpu.items()}, softplus, limit)
+    low = gradients(ssd_scan_reference, cpu, softplus, limit)
+    for name in got:
+        assert_matches_reference(got[name], ref[name], low[name], f"grad {name}")
+
+
+def test_activations_of_mixed_dtypes_compute_in_the_widest():
+    """mamba_ssm lets dt (and B, C) be float32 beside a bfloat16 x: nothing is rounded to x's dtype but
+    the output."""
+    inputs = make(**CASES["L=77 groups=2"], dtype=torch.float32)
+    mixed = {**inputs, "x": inputs["x"].bfloat16()}
+    widened = {**inputs, "x": mixed["x"].float()}
+    out, state = run(shammie.mamba_chunk_scan_combined, mixed, True, NO_LIMIT)
+    want_out, want_state = run(shammie.mamba_chunk_scan_combined, widened, True, NO_LIMIT)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want_out.bfloat16())
+    torch.testing.assert_close(state, want_state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    inputs = make(batch=1, L=40, heads=2, headdim=2, groups=1, N=3, D="channel", dtype=torch.float64, device=device)
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def fn(*args):
+        return run(shammie.mamba_chunk_scan_combined, dict(zip(names, args)), True, (0.05, 2.0))
+
+    args = tuple(inputs[k].double().requires_grad_(True) for k in names)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+OP_ORDER = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["L=77 groups=2", "L=45 heads=groups, no D/z/bias/initial"])
+def test_opcheck(case, device):
+    inputs = make(**CASES[case], device=device)
+    torch.library.opcheck(torch.ops.shammie.ssd_scan, (*(inputs[k] for k in OP_ORDER), True))
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_every_cpu_instruction_set_copy(isa, monkeypatch):
+    monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)
+    inputs = make(**CASES["L=300 N=128 (Mamba-2's dstate)"])
+    (ref_out, _), (low_out, _) = references(inputs, True, NO_LIMIT)
+    out, _ = run(shammie.mamba_chunk_scan_combined, inputs, True, NO_LIMIT)
+    assert_matches_reference(out, ref_out, low_out, f"out [{isa}]")
+    got = gradients(shammie.mamba_chunk_scan_combined, inputs, True, NO_LIMIT)
+    ref = gradients(ssd_scan_reference, {k: None if v is None else v.double() for k, v in inputs.items()}, True,
+                    NO_LIMIT)
+    low = gradients(ssd_scan_reference, inputs, True, NO_LIMIT)
+    for name in got:
+        assert_matches_reference(got[name], ref[name], low[name], f"grad {name} [{isa}]")
+
+
+def test_backward_is_deterministic_across_thread_counts():
+    """dB and dC sum over the heads of a group, which run as separate work items."""
+    inputs = make(batch=3, L=150, heads=8, headdim=4, groups=2, N=16)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 3, 1, 2):
+            torch.set_num_threads(count)
+            runs.append(gradients(shammie.mamba_chunk_scan_combined, inputs, True, NO_LIMIT))
+    finally:
+        torch.set_num_threads(threads)
+    for again in runs[1:]:
+        for name in runs[0]:
+            assert torch.equal(runs[0][name], again[name]), f"grad {name} depends on the thread count"
+
+
+def test_non_contiguous_inputs():
+    inputs = make(**CASES["L=77 groups=2"])
+    strided = {k: None if v is None else v.transpose(0, -1).contiguous().transpose(0, -1) for k, v in inputs.items()}
+    assert not strided["x"].is_contiguous()
+    want = run(shammie.mamba_chunk_scan_combined, inputs, True, NO_LIMIT)
+    got = run(shammie.mamba_chunk_scan_combined, strided, True, NO_LIMIT)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    inputs = make(**CASES["L=77 groups=2"], device=device)
+    leaves = [v.requires_grad_(True) for v in inputs.values()]
+
+    def step(*args):
+        out, state = run(shammie.mamba_chunk_scan_combined, dict(zip(inputs, args)), True, (0.05, 0.8))
+        return out.square().sum() + state.sum()
+
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(*leaves)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def with_change(change):
+    inputs = make(**CASES["L=77 groups=2"])
+    kwargs = {}
+    if change == "x 3-D":
+        inputs["x"] = inputs["x"][..., 0]
+    elif change == "dt wrong heads":
+        inputs["dt"] = inputs["dt"][..., :3]
+    elif change == "A per channel":
+        inputs["A"] = torch.zeros(4, 5)
+    elif change == "heads not a multiple of groups":
+        inputs["B"] = inputs["B"].repeat(1, 1, 2, 1)[:, :, :3]
+        inputs["C"] = inputs["C"].repeat(1, 1, 2, 1)[:, :, :3]
+    elif change == "C's dstate differs":
+        inputs["C"] = inputs["C"][..., :8]
+    elif change == "D wrong shape":
+        inputs["D"] = torch.zeros(5)
+    elif change == "initial_states wrong shape":
+        inputs["initial_states"] = inputs["initial_states"][..., :4]
+    elif change == "integer x":
+        inputs["x"] = inputs["x"].long()
+    elif change == "complex A":
+        inputs["A"] = inputs["A"].to(torch.complex64)
+    elif change == "dstate 257":
+        inputs["B"] = torch.zeros(2, 77, 2, 257)
+        inputs["C"] = torch.zeros(2, 77, 2, 257)
+        inputs["initial_states"] = None
+    elif change == "dt_limit reversed":
+        kwargs["dt_limit"] = (1.0, 0.5)
+    elif change == "chunk_size 0":
+        kwargs["chunk_size"] = 0
+    elif change == "seq_idx":
+        kwargs["seq_idx"] = torch.zeros(2, 77, dtype=torch.int32)
+    elif change == "x on meta":
+        inputs["x"] = inputs["x"].to("meta")
+    return inputs, kwargs
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ("x 3-D", ValueError, r"x must be \(batch, seqlen, nheads, headdim\)"),
+    ("dt wrong heads", ValueError, r"dt must have shape \(2, 77, 4\)"),
+    ("A per channel", ValueError, r"A must have shape \(4,\)"),
+    ("heads not a multiple of groups", ValueError, r"nheads \(4\) must be a multiple of ngroups \(3\)"),
+    ("C's dstate differs", ValueError, r"C must have shape \(2, 77, 2, 16\)"),
+    ("D wrong shape", ValueError, r"D must have shape \(4,\) or \(4, 5\)"),
+    ("initial_states wrong shape", ValueError, r"initial_states must have shape \(2, 4, 5, 16\)"),
+    ("integer x", TypeError, "x must be a real floating-point tensor"),
+    ("complex A", TypeError, "A must be a real floating-point tensor"),
+    ("dstate 257", ValueError, "dstate <= 256"),
+    ("dt_limit reversed", ValueError, r"dt_limit must be \(low, high\) with low <= high"),
+    ("chunk_size 0", ValueError, "chunk_size must be a positive int"),
+    ("seq_idx", NotImplementedError, r"packed sequences \(seq_idx"),
+    ("x on meta", ValueError, "must be on x's device"),
+])
+def test_bad_input_is_a_clear_error(change, error, message):
+    inputs, kwargs = with_change(change)
+    kwargs = {"chunk_size": 16, **kwargs}
+    with pytest.raises(error, match=message):
+        shammie.mamba_chunk_scan_combined(**inputs, dt_softplus=True, **kwargs)
