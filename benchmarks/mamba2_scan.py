@@ -14,6 +14,7 @@ from shammie.benchmarks.harness import Case
 # (name, batch, L, heads, headdim, N, groups)
 SHAPES = {"cpu": [("Mamba2-130M layer", 2, 512, 24, 64, 128, 1)],
           "cuda": [("Mamba2-130M layer", 8, 2048, 24, 64, 128, 1)]}
+FULL_SHAPE = ("Mamba2-130M layer", 2, 2048, 24, 64, 128, 1)   # `--ops mamba2_scan_full`: the CPU table's shape at L 2048
 CHUNK = 256
 
 
@@ -65,6 +66,6 @@ def _case(name, batch, L, heads, headdim, N, groups, dtype) -> Case:
         flops_forward=7.0 * activations * N, flops_backward=16.0 * activations * N)
 
 
-def cases(device: torch.device, dtypes=None) -> list[Case]:
+def cases(device: torch.device, dtypes=None, shapes=None) -> list[Case]:
     dtypes = dtypes or ([torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32])
-    return [_case(*shape, dtype) for dtype in dtypes for shape in SHAPES[device.type]]
+    return [_case(*shape, dtype) for dtype in dtypes for shape in shapes or SHAPES[device.type]]

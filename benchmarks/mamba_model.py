@@ -1,8 +1,9 @@
-"""Whole-model benchmark: a MambaForCausalLM with the Mamba-130M configuration (random weights, built
-offline), prefill and greedy generation in tokens/s, on transformers' own torch path and inside
-`use_shammie_kernels()`, side by side in one process.
+"""Whole-model benchmark: a MambaForCausalLM with the Mamba-130M configuration, or a
+Mamba2ForCausalLM with Mamba2-130M's (`--model mamba2`), random weights, built offline; prefill and
+greedy generation in tokens/s, on transformers' own torch path and inside `use_shammie_kernels()`,
+side by side in one process.
 
-    python -m shammie.benchmarks.mamba_model [--device cpu] [--prompt 512] [--new-tokens 32] [--batch 1] [--threads N]
+    python -m shammie.benchmarks.mamba_model [--model mamba|mamba2] [--device cpu] [--prompt 512] [--new-tokens 32] [--batch 1] [--threads N]
 
 On a shared, loaded CPU pass --threads 1: with more threads than free cores every small parallel op waits
 for a descheduled worker (milliseconds per op), which swamps a decode step on both paths.
@@ -25,6 +26,19 @@ def mamba_130m(device, dtype):
     return transformers.MambaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
+def mamba2_130m(device, dtype):
+    import transformers
+
+    config = transformers.Mamba2Config(vocab_size=50280, hidden_size=768, state_size=128, num_hidden_layers=24,
+                                       expand=2, head_dim=64, num_heads=24, n_groups=1, conv_kernel=4, chunk_size=256)
+    torch.manual_seed(0)
+    return transformers.Mamba2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+MODELS = {"mamba": ("MambaForCausalLM, Mamba-130M config", mamba_130m),
+          "mamba2": ("Mamba2ForCausalLM, Mamba2-130M config", mamba2_130m)}
+
+
 def _timed(fn, device, repeats):
     times = []
     for _ in range(repeats):
@@ -38,10 +52,11 @@ def _timed(fn, device, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def run(device: torch.device, dtype: torch.dtype, batch: int, prompt: int, new_tokens: int, repeats: int) -> list[dict]:
+def run(device: torch.device, dtype: torch.dtype, batch: int, prompt: int, new_tokens: int, repeats: int,
+        model_name: str = "mamba") -> list[dict]:
     from shammie.integrations.transformers import use_shammie_kernels
 
-    model = mamba_130m(device, dtype)
+    model = MODELS[model_name][1](device, dtype)
     ids = torch.randint(0, 50280, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     short = ids[:, :16]
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -63,6 +78,7 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, prompt: int, new_t
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mamba", choices=sorted(MODELS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=1)
@@ -74,8 +90,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows = run(device, dtype, args.batch, args.prompt, args.new_tokens, args.repeats)
-    print(f"MambaForCausalLM, Mamba-130M config, random weights, {args.dtype} on {device}, batch {args.batch}, "
+    rows = run(device, dtype, args.batch, args.prompt, args.new_tokens, args.repeats, args.model)
+    print(f"{MODELS[args.model][0]}, random weights, {args.dtype} on {device}, batch {args.batch}, "
           f"{torch.get_num_threads()} CPU threads: "
           f"prefill {args.prompt} tokens, generate {args.new_tokens} tokens after a 16-token prompt")
     for r in rows:

@@ -11,13 +11,14 @@ OP_FAMILIES = {
     "selective_scan": "shammie.benchmarks.selective_scan",
     "selective_scan_full": "shammie.benchmarks.selective_scan_full",
     "mamba2_scan": "shammie.benchmarks.mamba2_scan",
+    "mamba2_scan_full": "shammie.benchmarks.mamba2_scan_full",
     "frechet": "shammie.benchmarks.frechet",
     "loki": "shammie.benchmarks.loki",
     "manticore": "shammie.benchmarks.manticore",
 }
 
 # Families that take minutes (their peers are slow at the full shape): run only when named.
-OPT_IN = {"selective_scan_full"}
+OPT_IN = {"selective_scan_full", "mamba2_scan_full"}
 
 
 def default_ops() -> list[str]:
