@@ -14,6 +14,8 @@ OPS = [
     "selective_state_update",
     "selective_scan",
     "selective_scan_backward",
+    "ssd_scan",
+    "ssd_scan_backward",
     "frechet_topk",
     "gemm_bias_topk",
     "tree_frechet_topk",

@@ -49,6 +49,17 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         D, bias = (torch.randn(dim, device="cuda", requires_grad=True) for _ in range(2))
         out, last = shammie.selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
         (out.float().sum() + last.sum()).backward()
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    # Mamba-2 scan (batch, L, heads, headdim, groups, N): tails of tiles and of the 128-step intervals,
+    # N > 32 across warps, N = 256, one row per head; with z, D per row, an initial state, final-state grads
+    for batch, L, H, P, G, N in ((2, 37, 4, 3, 2, 16), (1, 130, 2, 5, 1, 64), (1, 40, 2, 2, 2, 256), (2, 9, 3, 1, 3, 4)):
+        act = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, requires_grad=True)
+        f32 = lambda *s: torch.randn(*s, device="cuda", requires_grad=True)
+        out, final = shammie.mamba_chunk_scan_combined(
+            act(batch, L, H, P), act(batch, L, H), (-torch.rand(H, device="cuda")).requires_grad_(),
+            act(batch, L, G, N), act(batch, L, G, N), 64, D=f32(H, P), z=act(batch, L, H, P), dt_bias=f32(H),
+            initial_states=f32(batch, H, P, N), dt_softplus=True, return_final_states=True)
+        (out.float().sum() + final.sum()).backward()
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     # (B, K, N, k): partial row and label tiles, K not a multiple of the K step, many label groups, k > 1
     for batch, K, N, k in ((1, 7, 50, 1), (70, 33, 900, 3), (129, 64, 4097, 5), (3, 1, 40, 2)):
