@@ -268,6 +268,12 @@ def test_input_and_program_errors():
         hybrid(torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(2, 5\)"):
         hybrid(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, \d+\), got values from -1 to 0"):
+        hybrid(torch.tensor([[0, -1]]))
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, (\d+)\), got values from 0 to \1"):
+        hybrid(torch.tensor([[0, hybrid.vocab_size]]))
+    with pytest.raises(ValueError, match=r"input_ids must be on the hybrid's device \(cpu\), got meta"):
+        hybrid(torch.zeros(2, 5, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match=r"alphas must have shape \(n_mixtures, n_models\) = \(2, 2\), got \(2, 3\)"):
         hybrid.program(one_hot(2, 3, 0))
     with pytest.raises(ValueError, match="on the simplex"):

@@ -39,9 +39,27 @@ struct SsdArgs {
   at::Tensor D;                               // (H·P,), per row (zeros when absent)
   at::Tensor dt_bias;                         // (H,) (zeros when absent)
   std::optional<at::Tensor> initial_states;   // (batch, H, P, N)
-  at::Tensor checkpoints;                     // (batch, H, num_checkpoints, P, N): S at t = k·kInterval
+  at::Tensor checkpoints;                     // (batch, H, num_checkpoints, P, N): k holds the state
+                                              // before step k·kInterval (k = 0: the initial state)
   int64_t heads_per_group() const { return heads / groups; }
 };
+
+// Offsets into the layouts above, shared by the CPU and CUDA kernels (int64: batch·L·H·P may exceed
+// 2^31). Each points at row 0 / state 0 of its (batch, step, head); add the row p or state n.
+struct Layout {
+  int64_t L, H, P, G, N, heads_per_group, n_cp;
+  SHAMMIE_HD int64_t x_at(int64_t b, int64_t t, int64_t h) const { return ((b * L + t) * H + h) * P; }   // x, z, out
+  SHAMMIE_HD int64_t dt_at(int64_t b, int64_t t, int64_t h) const { return (b * L + t) * H + h; }
+  SHAMMIE_HD int64_t bc_at(int64_t b, int64_t t, int64_t h) const {   // B, C of head h's group
+    return ((b * L + t) * G + h / heads_per_group) * N;
+  }
+  SHAMMIE_HD int64_t state_at(int64_t b, int64_t h) const { return (b * H + h) * P * N; }        // (batch, H, P, N)
+  SHAMMIE_HD int64_t checkpoint_at(int64_t b, int64_t h, int64_t k) const { return ((b * H + h) * n_cp + k) * P * N; }
+};
+
+inline Layout layout_of(const SsdArgs& a) {
+  return {a.seqlen, a.heads, a.headdim, a.groups, a.dstate, a.heads_per_group(), num_checkpoints(a.seqlen)};
+}
 
 struct SsdForwardArgs {
   SsdArgs in;

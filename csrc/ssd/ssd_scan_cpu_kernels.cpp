@@ -29,10 +29,9 @@ namespace {
 using ssd::kInterval;
 constexpr int64_t kBackwardItems = 16;
 
-// The arguments as pointers and sizes; element (b, t, h, p) of x at x_at(b, t, h) + p.
+// The arguments as pointers and sizes (the index maps are ssd::Layout's).
 template <typename scalar_t, typename acc_t>
-struct View {
-  int64_t L, H, P, G, N, heads_per_group, n_cp;
+struct View : ssd::Layout {
   bool softplus;
   const scalar_t* x;
   const scalar_t* dt;
@@ -45,24 +44,18 @@ struct View {
   const acc_t* initial;
 
   static View of(const ssd::SsdArgs& a) {
-    return {a.seqlen, a.heads, a.headdim, a.groups, a.dstate, a.heads_per_group(), ssd::num_checkpoints(a.seqlen),
-            a.softplus, a.x.data_ptr<scalar_t>(), a.dt.data_ptr<scalar_t>(),
+    return {ssd::layout_of(a), a.softplus, a.x.data_ptr<scalar_t>(), a.dt.data_ptr<scalar_t>(),
             a.z ? a.z->data_ptr<scalar_t>() : nullptr, a.A.data_ptr<acc_t>(), a.B.data_ptr<acc_t>(),
             a.C.data_ptr<acc_t>(), a.D.data_ptr<acc_t>(), a.dt_bias.data_ptr<acc_t>(),
             a.initial_states ? a.initial_states->data_ptr<acc_t>() : nullptr};
   }
-  int64_t x_at(int64_t b, int64_t t, int64_t h) const { return ((b * L + t) * H + h) * P; }
-  int64_t bc_at(int64_t b, int64_t t, int64_t h) const { return ((b * L + t) * G + h / heads_per_group) * N; }
-  int64_t state_at(int64_t b, int64_t h) const { return (b * H + h) * P * N; }
-  int64_t checkpoint_at(int64_t b, int64_t h, int64_t k) const { return ((b * H + h) * n_cp + k) * P * N; }
 };
 
 // Per step of (b, h): dt_t, the decay a_t = exp(dt_t·A_h), and (when asked) d dt_t / d raw dt.
 template <typename scalar_t, typename acc_t>
 void step_sizes(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* dts, acc_t* decay, acc_t* slope) {
-  const scalar_t* dt = v.dt + b * v.L * v.H + h;
   for (int64_t t = 0; t < v.L; ++t) {
-    const acc_t raw = acc_t(dt[t * v.H]) + v.bias[h];
+    const acc_t raw = acc_t(v.dt[v.dt_at(b, t, h)]) + v.bias[h];
     dts[t] = ssm::step_size(raw, acc_t(0), v.softplus);
     decay[t] = vexp(dts[t] * v.A[h]);
     if (slope) slope[t] = v.softplus && raw <= acc_t(20) ? acc_t(1) / (acc_t(1) + vexp(-raw)) : acc_t(1);
@@ -329,7 +322,7 @@ void backward_head(const View<scalar_t, acc_t>& v, const BackwardOut<scalar_t, a
   double dbias = 0;
   for (int64_t t = 0; t < L; ++t) {   // through softplus to the raw dt (and its bias)
     const acc_t raw_grad = w.ddt[t] * slope[t];
-    o.ddt[(b * L + t) * v.H + h] = scalar_t(raw_grad);
+    o.ddt[v.dt_at(b, t, h)] = scalar_t(raw_grad);
     dbias += raw_grad;
   }
   o.dbias[b * v.H + h] = acc_t(dbias);

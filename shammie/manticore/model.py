@@ -256,6 +256,15 @@ class Manticore(torch.nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"Manticore: labels must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
+        device = self.alpha.device
+        for name, t in (("input_ids", input_ids), ("labels", labels)):
+            if t is not None and t.device != device:
+                raise ValueError(f"Manticore: {name} must be on the hybrid's device ({device}), got {t.device}")
+        # An id out of range would index the embeddings out of bounds: an IndexError on CPU, a device-side
+        # assert that kills the process on CUDA. One min/max (a sync on CUDA) turns that into an error.
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.vocab_size:
+            raise ValueError(f"Manticore: input_ids must lie in [0, {self.vocab_size}), got values from "
+                             f"{int(input_ids.min())} to {int(input_ids.max())}")
         alpha = self.mixture_weights()
         with self._kernels():
             logits = self._run(input_ids, alpha)

@@ -1,0 +1,484 @@
+// CUDA kernels of ssd_scan (math in ssd_scan.h), included by one .cu per input dtype so that the
+// instantiations compile in parallel.
+//
+// A block owns `rpb` rows p of one (batch b, head h); each row has `lpr` threads (N rounded up to a
+// power of two), one per state n, holding S[p, n] in a register for the whole sequence. Time runs in
+// tiles of kT steps: the block stages the tile's dt_t and decay a_t = exp(dt_t·A_h) once per (head,
+// step), and x for its rows, in shared memory; every thread advances its state, and
+// y_t[p] = Σ_n C_t[n]·S_t[p, n] is a shuffle sum over the row's lanes (plus a shared-memory sum across
+// warps when N > 32). The forward writes the state at the start of every checkpoint interval; the
+// backward starts from those, recomputes each tile's states into registers and sweeps it in reverse.
+// d(dt_t) sums over all P rows of a head, which span several blocks: the backward adds it up in a
+// (batch, L, H) scratch in the accumulation dtype, and a second kernel chains it through softplus
+// into ddt and ddt_bias.
+#pragma once
+
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "selective_scan/ssm_math.h"
+#include "ssd/ssd_scan.h"
+
+namespace shammie::ssd::cuda {
+
+constexpr int kT = 32;                 // steps per tile
+constexpr int kBlockThreads = 256;     // threads per block (fewer only when P and N are both small)
+constexpr int kMaxRows = 32;           // rows per block, and rows of the per-warp partial sums
+constexpr int kTilesPerInterval = static_cast<int>(kInterval / kT);
+static_assert(kInterval % kT == 0, "a checkpoint interval must be whole tiles");
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+struct LaunchShape {
+  int lpr, rpb, threads;
+};
+
+// lpr = N rounded up to a power of two; rpb rows fill kBlockThreads, but no more rows than P needs,
+// and always at least one whole warp (the shuffles name all 32 lanes). threads is a power of two.
+inline LaunchShape launch_shape(int64_t dstate, int64_t headdim) {
+  int lpr = 1;
+  while (lpr < dstate) lpr *= 2;
+  int rows = 1;
+  while (rows < headdim && rows < kMaxRows) rows *= 2;
+  const int rpb = std::max(std::min({kMaxRows, kBlockThreads / lpr, rows}), std::max(1, 32 / lpr));
+  return {lpr, rpb, lpr * rpb};
+}
+
+template <typename scalar_t, typename acc_t>
+struct SsdParams {
+  Layout lay;
+  int64_t batch, L, H, P, G, N, per_group, n_cp;
+  int lpr, rpb;
+  bool softplus;
+  const scalar_t* x;
+  const scalar_t* dt;
+  const scalar_t* z;
+  const acc_t* A;
+  const acc_t* B;
+  const acc_t* C;
+  const acc_t* D;
+  const acc_t* dt_bias;
+  const acc_t* initial_states;
+  acc_t* checkpoints;       // written by the forward, read by the backward
+  // forward only
+  scalar_t* out;
+  acc_t* final_state;
+  // backward only
+  const scalar_t* grad_out;
+  const acc_t* grad_final;
+  scalar_t* dx;
+  scalar_t* dz;
+  acc_t* dA;
+  acc_t* dB;
+  acc_t* dC;
+  acc_t* dD;
+  acc_t* dinitial_states;
+  acc_t* ddt_sum;           // (batch, L, H): dLoss/d(dt_t) after softplus, summed over the head's rows
+};
+
+// Where this thread is: row c of the block (global row p of head h), state n, batch b, group g.
+struct Place {
+  int64_t b, h, g, p0, p;
+  int c, n, width, warp_in_row;
+  bool row_ok, state_ok;
+};
+
+// Blocks run batch-major, then head, then row block: neighbouring blocks share B and C in L2.
+template <typename Par>
+__device__ Place place(const Par& p) {
+  const int64_t blocks_per_head = (p.P + p.rpb - 1) / p.rpb;
+  const int64_t bh = blockIdx.x / blocks_per_head;
+  Place q;
+  q.b = bh / p.H;
+  q.h = bh % p.H;
+  q.g = q.h / p.per_group;
+  q.p0 = (blockIdx.x % blocks_per_head) * p.rpb;
+  q.c = threadIdx.x / p.lpr;
+  q.n = threadIdx.x % p.lpr;
+  q.p = q.p0 + q.c;
+  q.row_ok = q.p < p.P;
+  q.state_ok = q.row_ok && q.n < p.N;
+  q.width = p.lpr < 32 ? p.lpr : 32;
+  q.warp_in_row = q.n / 32;
+  return q;
+}
+
+// Index maps of the layouts in ssd_scan.h (ssd::Layout), at this thread's row and state.
+template <typename Par>
+__device__ int64_t x_at(const Par& p, const Place& q, int64_t t, int64_t row) {   // (batch, L, H, P)
+  return p.lay.x_at(q.b, t, q.h) + row;
+}
+template <typename Par>
+__device__ int64_t dt_at(const Par& p, const Place& q, int64_t t) {               // (batch, L, H)
+  return p.lay.dt_at(q.b, t, q.h);
+}
+template <typename Par>
+__device__ int64_t bc_at(const Par& p, const Place& q, int64_t t) {               // (batch, L, G, N)
+  return p.lay.bc_at(q.b, t, q.h) + q.n;
+}
+template <typename Par>
+__device__ int64_t state_at(const Par& p, const Place& q) {                       // (batch, H, P, N)
+  return p.lay.state_at(q.b, q.h) + q.p * p.N + q.n;
+}
+template <typename Par>
+__device__ int64_t checkpoint_at(const Par& p, const Place& q, int64_t k) {       // (batch, H, n_cp, P, N)
+  return p.lay.checkpoint_at(q.b, q.h, k) + q.p * p.N + q.n;
+}
+
+template <typename Par, typename acc_t>
+__device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* bc, int64_t t) {
+  return q.state_ok ? bc[bc_at(p, q, t)] : acc_t(0);
+}
+
+// Sum over the `width` lanes of this thread's row within its warp.
+template <typename T>
+__device__ T lane_sum(T v, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset, width);
+  return v;
+}
+
+template <typename acc_t>
+__device__ acc_t sigmoid(acc_t v) { return acc_t(1) / (acc_t(1) + vexp(-v)); }
+
+// Shared-memory staging of one tile: the head's step sizes and decays, and x as [row][step] (padded
+// against bank conflicts).
+template <typename acc_t>
+struct Tile {
+  acc_t dt[kT];                // dt_t after bias and softplus
+  acc_t decay[kT];             // a_t = exp(dt_t·A_h): one exp per (head, step), not per thread
+  acc_t x[kMaxRows][kT + 1];
+};
+
+// Steps t ≥ `steps` are padding (dt = 0, x = 0); the loops stop before them.
+template <typename Par, typename acc_t>
+__device__ void load_tile(const Par& p, const Place& q, acc_t A_h, acc_t bias_h, int64_t t0, int steps,
+                          Tile<acc_t>& tile) {
+  if (threadIdx.x < kT) {   // blocks have at least 32 threads
+    const int t = threadIdx.x;
+    const acc_t dt = t < steps ? ssm::step_size(acc_t(p.dt[dt_at(p, q, t0 + t)]), bias_h, p.softplus) : acc_t(0);
+    tile.dt[t] = dt;
+    tile.decay[t] = vexp(dt * A_h);
+  }
+  for (int i = threadIdx.x; i < p.rpb * kT; i += blockDim.x) {
+    const int t = i / p.rpb, c = i % p.rpb;   // neighbouring threads read neighbouring rows of x
+    const int64_t row = q.p0 + c;
+    tile.x[c][t] = row < p.P && t < steps ? acc_t(p.x[x_at(p, q, t0 + t, row)]) : acc_t(0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads) ssd_forward_kernel(const SsdParams<scalar_t, acc_t> p) {
+  __shared__ Tile<acc_t> tile;
+  __shared__ acc_t part[kMaxRows][kT + 1];   // per-warp sums of C·S: row w·rpb + c
+  const Place q = place(p);
+  const acc_t A_h = p.A[q.h], bias_h = p.dt_bias[q.h];
+  const int warps_per_row = (p.lpr + 31) / 32;
+  acc_t S = p.initial_states && q.state_ok ? p.initial_states[state_at(p, q)] : acc_t(0);
+  for (int64_t t0 = 0; t0 < p.L; t0 += kT) {
+    const int steps = static_cast<int>(min64(kT, p.L - t0));
+    // Checkpoint k holds the state before step k·kInterval (tiles start on interval boundaries).
+    if (t0 % kInterval == 0 && q.state_ok) p.checkpoints[checkpoint_at(p, q, t0 / kInterval)] = S;
+    __syncthreads();   // the previous tile's readers are done
+    load_tile(p, q, A_h, bias_h, t0, steps, tile);
+    __syncthreads();
+#pragma unroll 4
+    for (int t = 0; t < steps; ++t) {
+      S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, p.B, t0 + t);
+      const acc_t y = lane_sum(S * bc_value(p, q, p.C, t0 + t), q.width);
+      if (q.n % q.width == 0) part[q.warp_in_row * p.rpb + q.c][t] = y;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < p.rpb * kT; i += blockDim.x) {
+      const int t = i / p.rpb, c = i % p.rpb;   // neighbouring threads write neighbouring rows
+      const int64_t row = q.p0 + c;
+      if (row >= p.P || t >= steps) continue;
+      acc_t y = p.D[q.h * p.P + row] * tile.x[c][t];
+      for (int w = 0; w < warps_per_row; ++w) y += part[w * p.rpb + c][t];
+      const int64_t at = x_at(p, q, t0 + t, row);
+      p.out[at] = scalar_t(p.z ? ssm::gate(y, acc_t(p.z[at])) : y);
+    }
+  }
+  if (q.state_ok) p.final_state[state_at(p, q)] = S;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// dB or dC of one step. All rows of a block share (b, g), so when N < 32 the rows within a warp are
+// summed by shuffles first: one atomic per (warp, state) instead of one per (row, state).
+template <typename Par, typename acc_t>
+__device__ void add_bc_grad(const Par& p, const Place& q, acc_t* grad, int64_t t, acc_t v) {
+  for (int offset = q.width; offset < 32; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  // Lanes below `width` hold the warp's first row, whose row_ok implies that of any valid row.
+  if (static_cast<int>(threadIdx.x % 32) < q.width && q.state_ok) atomicAdd(grad + bc_at(p, q, t), v);
+}
+
+// v[j] with j known only at run time, without sending v to local memory.
+template <typename acc_t>
+__device__ acc_t pick(const acc_t (&v)[kTilesPerInterval], int j) {
+  acc_t r = v[0];
+#pragma unroll
+  for (int i = 1; i < kTilesPerInterval; ++i) r = j == i ? v[i] : r;
+  return r;
+}
+
+// Per step t (descending), with G = dL/dS_t from the steps after t:
+//   g = G + C_t·dy_t;  dC_t += dy_t·S_t;  dB_t += g·dt_t·x_t;  dx_t += Σ_n g·dt_t·B_t + D·dy_t;
+//   d(dt_t) += Σ_{p,n} g·(A_h·a_t·S_{t−1} + x_t·B_t);  dA_h += Σ g·a_t·S_{t−1}·dt_t;  G = a_t·g.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdParams<scalar_t, acc_t> p) {
+  __shared__ Tile<acc_t> tile;
+  __shared__ acc_t dy_s[kMaxRows][kT + 1];     // dL/dy through the gate
+  __shared__ acc_t part_a[kMaxRows][kT + 1];   // per-warp C·S sums (for the gate), then d(dt) sums
+  __shared__ acc_t part_b[kMaxRows][kT + 1];   // per-warp dx sums
+  __shared__ acc_t dD_s[kMaxRows];
+  __shared__ acc_t dA_s[kBlockThreads / 32];
+  const Place q = place(p);
+  const acc_t A_h = p.A[q.h], bias_h = p.dt_bias[q.h];
+  const int warps_per_row = (p.lpr + 31) / 32;
+  const int part_rows = warps_per_row * p.rpb;
+  if (threadIdx.x < kMaxRows) dD_s[threadIdx.x] = 0;
+  acc_t G = p.grad_final && q.state_ok ? p.grad_final[state_at(p, q)] : acc_t(0);
+  acc_t dA = 0;
+  for (int64_t k = p.n_cp - 1; k >= 0; --k) {
+    const int64_t t_begin = k * kInterval, t_end = min64(p.L, t_begin + kInterval);
+    const int tiles = static_cast<int>((t_end - t_begin + kT - 1) / kT);
+    // The state at the start of each tile of the interval (only the last tile may be partial).
+    acc_t tile_start[kTilesPerInterval];
+    tile_start[0] = q.state_ok ? p.checkpoints[checkpoint_at(p, q, k)] : acc_t(0);
+#pragma unroll
+    for (int j = 0; j + 1 < kTilesPerInterval; ++j) {
+      tile_start[j + 1] = tile_start[j];
+      if (j + 1 < tiles) {
+        const int64_t t0 = t_begin + int64_t(j) * kT;
+        __syncthreads();
+        load_tile(p, q, A_h, bias_h, t0, kT, tile);
+        __syncthreads();
+        acc_t S = tile_start[j];
+#pragma unroll 4
+        for (int t = 0; t < kT; ++t) S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, p.B, t0 + t);
+        tile_start[j + 1] = S;
+      }
+    }
+    for (int j = tiles - 1; j >= 0; --j) {
+      const int64_t t0 = t_begin + int64_t(j) * kT;
+      const int steps = static_cast<int>(min64(kT, t_end - t0));
+      __syncthreads();
+      load_tile(p, q, A_h, bias_h, t0, steps, tile);
+      __syncthreads();
+      // Recompute the tile's states into registers: hist[t] = S before step t0 + t; and, for the
+      // gate, y's C·S part.
+      acc_t hist[kT + 1];
+      hist[0] = pick(tile_start, j);
+#pragma unroll
+      for (int t = 0; t < kT; ++t) {
+        if (t < steps) {
+          hist[t + 1] = tile.decay[t] * hist[t] + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, p.B, t0 + t);
+          if (p.z) {
+            const acc_t y = lane_sum(hist[t + 1] * bc_value(p, q, p.C, t0 + t), q.width);
+            if (q.n % q.width == 0) part_a[q.warp_in_row * p.rpb + q.c][t] = y;
+          }
+        }
+      }
+      __syncthreads();
+      // Per (row, step): the gate's gradient dz, dy = dL/dy, and dD.
+      for (int i = threadIdx.x; i < p.rpb * kT; i += blockDim.x) {
+        const int t = i / p.rpb, c = i % p.rpb;
+        const int64_t row = q.p0 + c;
+        acc_t dy = 0;
+        if (row < p.P && t < steps) {
+          const int64_t at = x_at(p, q, t0 + t, row);
+          dy = acc_t(p.grad_out[at]);
+          if (p.z) {
+            acc_t y = p.D[q.h * p.P + row] * tile.x[c][t];
+            for (int w = 0; w < warps_per_row; ++w) y += part_a[w * p.rpb + c][t];
+            const acc_t z = acc_t(p.z[at]), s = sigmoid(z);
+            p.dz[at] = scalar_t(dy * y * s * (acc_t(1) + z * (acc_t(1) - s)));
+            dy *= z * s;
+          }
+          atomicAdd(&dD_s[c], dy * tile.x[c][t]);
+        }
+        dy_s[c][t] = dy;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int t = kT - 1; t >= 0; --t) {
+        if (t < steps) {
+          const acc_t dt = tile.dt[t], a = tile.decay[t], xv = tile.x[q.c][t], dy = dy_s[q.c][t];
+          const acc_t bv = bc_value(p, q, p.B, t0 + t);
+          const acc_t g = G + bc_value(p, q, p.C, t0 + t) * dy;   // dL/dS_t
+          const acc_t carried = g * a * hist[t];                    // dL/da_t · a_t
+          dA += carried * dt;
+          const acc_t ddt = lane_sum(carried * A_h + g * xv * bv, q.width);
+          const acc_t dx = lane_sum(g * dt * bv, q.width);
+          if (q.n % q.width == 0) {
+            part_a[q.warp_in_row * p.rpb + q.c][t] = ddt;
+            part_b[q.warp_in_row * p.rpb + q.c][t] = dx;
+          }
+          add_bc_grad(p, q, p.dB, t0 + t, g * dt * xv);
+          add_bc_grad(p, q, p.dC, t0 + t, dy * hist[t + 1]);
+          G = a * g;
+        }
+      }
+      __syncthreads();
+      // d(dt_t): the block's rows summed here, the other row blocks of the head by the atomic.
+      if (static_cast<int>(threadIdx.x) < steps) {
+        acc_t s = 0;
+        for (int r = 0; r < part_rows; ++r) s += part_a[r][threadIdx.x];
+        atomicAdd(p.ddt_sum + dt_at(p, q, t0 + threadIdx.x), s);
+      }
+      for (int i = threadIdx.x; i < p.rpb * kT; i += blockDim.x) {
+        const int t = i / p.rpb, c = i % p.rpb;
+        const int64_t row = q.p0 + c;
+        if (row >= p.P || t >= steps) continue;
+        acc_t dx = p.D[q.h * p.P + row] * dy_s[c][t];
+        for (int w = 0; w < warps_per_row; ++w) dx += part_b[w * p.rpb + c][t];
+        p.dx[x_at(p, q, t0 + t, row)] = scalar_t(dx);
+      }
+    }
+  }
+  // G is now dL/dS_{−1}, the gradient of the initial state.
+  if (p.dinitial_states && q.state_ok) p.dinitial_states[state_at(p, q)] = G;
+  // dA_h: a block sum, then one atomic per block.
+  for (int offset = 16; offset > 0; offset /= 2) dA += __shfl_xor_sync(0xffffffffu, dA, offset);
+  if (threadIdx.x % 32 == 0) dA_s[threadIdx.x / 32] = dA;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t s = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += dA_s[w];
+    atomicAdd(p.dA + q.h, s);
+  }
+  if (static_cast<int>(threadIdx.x) < p.rpb && q.p0 + threadIdx.x < p.P)
+    atomicAdd(p.dD + q.h * p.P + q.p0 + threadIdx.x, dD_s[threadIdx.x]);
+}
+
+// ddt = d(dt_t)·softplus'(dt + dt_bias) (sigmoid, or 1 above 20 or without softplus), and
+// ddt_bias_h = Σ_{b,t} ddt. Threads: x over heads (coalesced), y over (b, t) rows.
+constexpr int kFinishRows = 8;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(32 * kFinishRows)
+    ssd_ddt_kernel(int64_t rows, int64_t H, bool softplus, const acc_t* ddt_sum, const scalar_t* dt,
+                   const acc_t* dt_bias, scalar_t* ddt, acc_t* ddt_bias) {
+  __shared__ acc_t sums[kFinishRows][32];
+  const int64_t h = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  acc_t local = 0;
+  if (h < H) {
+    const acc_t bias = dt_bias[h];
+    for (int64_t r = int64_t(blockIdx.y) * kFinishRows + threadIdx.y; r < rows; r += int64_t(gridDim.y) * kFinishRows) {
+      const int64_t at = r * H + h;
+      const acc_t v = acc_t(dt[at]) + bias;
+      const acc_t d = softplus && v <= acc_t(20) ? ddt_sum[at] * sigmoid(v) : ddt_sum[at];
+      ddt[at] = scalar_t(d);
+      local += d;
+    }
+  }
+  sums[threadIdx.y][threadIdx.x] = local;
+  __syncthreads();
+  if (threadIdx.y == 0 && h < H) {
+    acc_t s = 0;
+    for (int r = 0; r < kFinishRows; ++r) s += sums[r][threadIdx.x];
+    atomicAdd(ddt_bias + h, s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers, instantiated per input dtype by ssd_scan_<dtype>.cu.
+
+template <typename scalar_t, typename acc_t>
+SsdParams<scalar_t, acc_t> make_params(const SsdArgs& a, const LaunchShape& shape) {
+  SsdParams<scalar_t, acc_t> p{};
+  p.lay = layout_of(a);
+  p.batch = a.batch;
+  p.L = a.seqlen;
+  p.H = a.heads;
+  p.P = a.headdim;
+  p.G = a.groups;
+  p.N = a.dstate;
+  p.per_group = a.heads_per_group();
+  p.n_cp = a.checkpoints.size(2);
+  p.lpr = shape.lpr;
+  p.rpb = shape.rpb;
+  p.softplus = a.softplus;
+  p.x = a.x.const_data_ptr<scalar_t>();
+  p.dt = a.dt.const_data_ptr<scalar_t>();
+  p.z = a.z ? a.z->const_data_ptr<scalar_t>() : nullptr;
+  p.A = a.A.const_data_ptr<acc_t>();
+  p.B = a.B.const_data_ptr<acc_t>();
+  p.C = a.C.const_data_ptr<acc_t>();
+  p.D = a.D.const_data_ptr<acc_t>();
+  p.dt_bias = a.dt_bias.const_data_ptr<acc_t>();
+  p.initial_states = a.initial_states ? a.initial_states->const_data_ptr<acc_t>() : nullptr;
+  return p;
+}
+
+inline unsigned num_blocks(const SsdArgs& a, const LaunchShape& shape) {
+  TORCH_CHECK(a.dstate <= kMaxDstate, "ssd_scan: dstate above ", kMaxDstate, " is not supported on CUDA");
+  const int64_t blocks = a.batch * a.heads * ((a.headdim + shape.rpb - 1) / shape.rpb);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "ssd_scan: batch · heads · headdim is too large for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
+template <typename scalar_t>
+void ssd_forward_cuda(const SsdForwardArgs& args) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const SsdArgs& a = args.in;
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const LaunchShape shape = launch_shape(a.dstate, a.headdim);
+  auto p = make_params<scalar_t, acc_t>(a, shape);
+  p.checkpoints = a.checkpoints.mutable_data_ptr<acc_t>();
+  p.out = args.out.mutable_data_ptr<scalar_t>();
+  p.final_state = args.final_state.mutable_data_ptr<acc_t>();
+  ssd_forward_kernel<scalar_t, acc_t><<<num_blocks(a, shape), shape.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void ssd_backward_cuda(const SsdBackwardArgs& args) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const SsdArgs& a = args.in;
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const LaunchShape shape = launch_shape(a.dstate, a.headdim);
+  // d(dt) before softplus, summed over each head's rows by several blocks: zeros, then atomics.
+  const at::Tensor ddt_sum = at::zeros({a.batch, a.seqlen, a.heads}, a.A.options());
+  auto p = make_params<scalar_t, acc_t>(a, shape);
+  p.checkpoints = const_cast<acc_t*>(a.checkpoints.const_data_ptr<acc_t>());
+  p.grad_out = args.grad_out.const_data_ptr<scalar_t>();
+  p.grad_final = args.grad_final ? args.grad_final->const_data_ptr<acc_t>() : nullptr;
+  p.dx = args.dx.mutable_data_ptr<scalar_t>();
+  p.dz = args.dz ? args.dz->mutable_data_ptr<scalar_t>() : nullptr;
+  p.dA = args.dA.mutable_data_ptr<acc_t>();
+  p.dB = args.dB.mutable_data_ptr<acc_t>();
+  p.dC = args.dC.mutable_data_ptr<acc_t>();
+  p.dD = args.dD.mutable_data_ptr<acc_t>();
+  p.dinitial_states = args.dinitial_states ? args.dinitial_states->mutable_data_ptr<acc_t>() : nullptr;
+  p.ddt_sum = ddt_sum.mutable_data_ptr<acc_t>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ssd_backward_kernel<scalar_t, acc_t><<<num_blocks(a, shape), shape.threads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const int64_t rows = a.batch * a.seqlen;
+  const dim3 block(32, kFinishRows);
+  const dim3 grid(static_cast<unsigned>((a.heads + 31) / 32),
+                  static_cast<unsigned>(std::min<int64_t>((rows + kFinishRows - 1) / kFinishRows, 1024)));
+  ssd_ddt_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+      rows, a.heads, a.softplus, p.ddt_sum, p.dt, p.dt_bias, args.ddt.mutable_data_ptr<scalar_t>(),
+      args.ddt_bias.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Defined in ssd_scan_<dtype>.cu.
+void ssd_forward_float(const SsdForwardArgs& args);
+void ssd_backward_float(const SsdBackwardArgs& args);
+void ssd_forward_half(const SsdForwardArgs& args);
+void ssd_backward_half(const SsdBackwardArgs& args);
+void ssd_forward_bfloat16(const SsdForwardArgs& args);
+void ssd_backward_bfloat16(const SsdBackwardArgs& args);
+
+}  // namespace shammie::ssd::cuda
