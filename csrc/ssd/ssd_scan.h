@@ -57,6 +57,28 @@ struct Layout {
   SHAMMIE_HD int64_t checkpoint_at(int64_t b, int64_t h, int64_t k) const { return ((b * H + h) * n_cp + k) * P * N; }
 };
 
+// The inputs as raw pointers for the kernels of either device (null where an optional one is absent).
+template <typename scalar_t, typename acc_t>
+struct SsdInputs {
+  const scalar_t* x;
+  const scalar_t* dt;
+  const scalar_t* z;
+  const acc_t* A;
+  const acc_t* B;
+  const acc_t* C;
+  const acc_t* D;
+  const acc_t* dt_bias;
+  const acc_t* initial_states;
+
+  static SsdInputs of(const SsdArgs& a) {
+    return {a.x.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<scalar_t>(),
+            a.z ? a.z->const_data_ptr<scalar_t>() : nullptr, a.A.const_data_ptr<acc_t>(),
+            a.B.const_data_ptr<acc_t>(), a.C.const_data_ptr<acc_t>(), a.D.const_data_ptr<acc_t>(),
+            a.dt_bias.const_data_ptr<acc_t>(),
+            a.initial_states ? a.initial_states->const_data_ptr<acc_t>() : nullptr};
+  }
+};
+
 inline Layout layout_of(const SsdArgs& a) {
   return {a.seqlen, a.heads, a.headdim, a.groups, a.dstate, a.heads_per_group(), num_checkpoints(a.seqlen)};
 }

@@ -31,23 +31,11 @@ constexpr int64_t kBackwardItems = 16;
 
 // The arguments as pointers and sizes (the index maps are ssd::Layout's).
 template <typename scalar_t, typename acc_t>
-struct View : ssd::Layout {
+struct View : ssd::Layout, ssd::SsdInputs<scalar_t, acc_t> {
   bool softplus;
-  const scalar_t* x;
-  const scalar_t* dt;
-  const scalar_t* z;
-  const acc_t* A;
-  const acc_t* B;
-  const acc_t* C;
-  const acc_t* D;
-  const acc_t* bias;
-  const acc_t* initial;
 
   static View of(const ssd::SsdArgs& a) {
-    return {ssd::layout_of(a), a.softplus, a.x.data_ptr<scalar_t>(), a.dt.data_ptr<scalar_t>(),
-            a.z ? a.z->data_ptr<scalar_t>() : nullptr, a.A.data_ptr<acc_t>(), a.B.data_ptr<acc_t>(),
-            a.C.data_ptr<acc_t>(), a.D.data_ptr<acc_t>(), a.dt_bias.data_ptr<acc_t>(),
-            a.initial_states ? a.initial_states->data_ptr<acc_t>() : nullptr};
+    return {ssd::layout_of(a), ssd::SsdInputs<scalar_t, acc_t>::of(a), a.softplus};
   }
 };
 
@@ -55,7 +43,7 @@ struct View : ssd::Layout {
 template <typename scalar_t, typename acc_t>
 void step_sizes(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* dts, acc_t* decay, acc_t* slope) {
   for (int64_t t = 0; t < v.L; ++t) {
-    const acc_t raw = acc_t(v.dt[v.dt_at(b, t, h)]) + v.bias[h];
+    const acc_t raw = acc_t(v.dt[v.dt_at(b, t, h)]) + v.dt_bias[h];
     dts[t] = ssm::step_size(raw, acc_t(0), v.softplus);
     decay[t] = vexp(dts[t] * v.A[h]);
     if (slope) slope[t] = v.softplus && raw <= acc_t(20) ? acc_t(1) / (acc_t(1) + vexp(-raw)) : acc_t(1);
@@ -143,7 +131,7 @@ void forward_head(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* w
   acc_t* decay = dts + L;
   acc_t* S = decay + L;                                   // (P, N)
   step_sizes(v, b, h, dts, decay, static_cast<acc_t*>(nullptr));
-  if (v.initial) std::copy_n(v.initial + v.state_at(b, h), P * N, S);
+  if (v.initial_states) std::copy_n(v.initial_states + v.state_at(b, h), P * N, S);
   else std::fill_n(S, P * N, acc_t(0));
   for (int64_t k = 0; k < v.n_cp; ++k) {
     const int64_t t0 = k * kInterval, t1 = std::min(L, t0 + kInterval);

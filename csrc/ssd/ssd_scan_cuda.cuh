@@ -50,20 +50,11 @@ inline LaunchShape launch_shape(int64_t dstate, int64_t headdim) {
 }
 
 template <typename scalar_t, typename acc_t>
-struct SsdParams {
+struct SsdParams : SsdInputs<scalar_t, acc_t> {
   Layout lay;
   int64_t batch, L, H, P, G, N, per_group, n_cp;
   int lpr, rpb;
   bool softplus;
-  const scalar_t* x;
-  const scalar_t* dt;
-  const scalar_t* z;
-  const acc_t* A;
-  const acc_t* B;
-  const acc_t* C;
-  const acc_t* D;
-  const acc_t* dt_bias;
-  const acc_t* initial_states;
   acc_t* checkpoints;       // written by the forward, read by the backward
   // forward only
   scalar_t* out;
@@ -406,15 +397,7 @@ SsdParams<scalar_t, acc_t> make_params(const SsdArgs& a, const LaunchShape& shap
   p.lpr = shape.lpr;
   p.rpb = shape.rpb;
   p.softplus = a.softplus;
-  p.x = a.x.const_data_ptr<scalar_t>();
-  p.dt = a.dt.const_data_ptr<scalar_t>();
-  p.z = a.z ? a.z->const_data_ptr<scalar_t>() : nullptr;
-  p.A = a.A.const_data_ptr<acc_t>();
-  p.B = a.B.const_data_ptr<acc_t>();
-  p.C = a.C.const_data_ptr<acc_t>();
-  p.D = a.D.const_data_ptr<acc_t>();
-  p.dt_bias = a.dt_bias.const_data_ptr<acc_t>();
-  p.initial_states = a.initial_states ? a.initial_states->const_data_ptr<acc_t>() : nullptr;
+  static_cast<SsdInputs<scalar_t, acc_t>&>(p) = SsdInputs<scalar_t, acc_t>::of(a);
   return p;
 }
 
