@@ -27,7 +27,7 @@ def _case(name, batch, dim, seqlen, width, dtype) -> Case:
     elements = batch * dim * seqlen
     return Case(
         op="causal_conv1d (silu)", shape=f"{name} B={batch} D={dim} L={seqlen} W={width}", dtype=dtype,
-        make_inputs=make_inputs, ours=lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, "silu"),
+        make_inputs=make_inputs, ours=lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, activation="silu"),
         peer=lambda x, w, b: causal_conv1d_reference(x, w, b, "silu"),
         peer_name="depthwise F.conv1d + SiLU, as HF transformers' Mamba slow path",
         bytes_forward=size * 2 * elements, bytes_backward=size * 3 * elements,

@@ -25,7 +25,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
         w = torch.randn(dim, width, device="cuda", dtype=dtype, requires_grad=True)
         b = torch.randn(dim, device="cuda", dtype=dtype, requires_grad=True)
-        shammie.causal_conv1d_fn(x, w, b, "silu").sum().backward()
+        shammie.causal_conv1d_fn(x, w, b, activation="silu").sum().backward()
         state = torch.randn(batch, dim, width + 1, device="cuda", dtype=dtype)
         shammie.causal_conv1d_update(x[:, :, :2].detach(), state, w.detach(), None, None)
 for dtype in (torch.float32, torch.bfloat16, torch.float64):

@@ -19,13 +19,53 @@ def _silu(activation: str | None) -> bool:
 
 
 def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     activation: str | None = None) -> torch.Tensor:
-    """Causal depthwise conv1d of x (batch, dim, seqlen) with weight (dim, width) and bias (dim,).
+                     seq_idx: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+                     return_final_states: bool = False, final_states_out: torch.Tensor | None = None,
+                     activation: str | None = None):
+    """Causal depthwise conv1d of x (batch, dim, seqlen) with weight (dim, width) and bias (dim,),
+    causal-conv1d's signature (pass `activation` by keyword: it is the last parameter).
 
     Any width; float32, float16, bfloat16 or float64 (one dtype for all; math in float32, or float64);
-    x may be channel-last or sliced. Differentiable in x, weight and bias.
+    x may be channel-last or sliced. `initial_states` (batch, dim, width − 1) are the inputs before
+    x[..., 0] (zeros when absent); `return_final_states` also returns the last width − 1 inputs, which
+    start the next chunk (written into `final_states_out` when given). Differentiable in x, weight,
+    bias and initial_states. Packed sequences (`seq_idx`) are not supported.
     """
-    return torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation))
+    if isinstance(seq_idx, str):
+        raise TypeError("causal_conv1d_fn: seq_idx must be a tensor or None, got a string; pass activation= by "
+                        "keyword (causal-conv1d's order is x, weight, bias, seq_idx, initial_states, ...)")
+    if seq_idx is not None:
+        raise NotImplementedError("causal_conv1d_fn: packed sequences (seq_idx=...) are not supported")
+    if initial_states is None and not return_final_states:
+        return torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation))
+    _check("causal_conv1d_fn", x, weight, bias)
+    batch, dim, _ = x.shape
+    history = weight.shape[1] - 1
+    if initial_states is not None:
+        if tuple(initial_states.shape) != (batch, dim, history):
+            raise ValueError(f"causal_conv1d_fn: initial_states must have shape (batch, dim, width - 1) = "
+                             f"{(batch, dim, history)}, got {tuple(initial_states.shape)}")
+        if initial_states.dtype != x.dtype or initial_states.device != x.device:
+            raise TypeError(f"causal_conv1d_fn: initial_states must have x's dtype and device ({x.dtype}, "
+                            f"{x.device}), got ({initial_states.dtype}, {initial_states.device})")
+        # The conv of [initial_states, x] without its first width − 1 outputs: exact, and autograd
+        # reaches initial_states through the concatenation.
+        extended = torch.cat([initial_states, x], dim=-1)
+        out = torch.ops.shammie.causal_conv1d(extended, weight, bias, _silu(activation))[..., history:]
+    else:
+        extended = x
+        out = torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation))
+    if not return_final_states:
+        return out
+    if extended.shape[-1] < history:   # a short first chunk: zeros before it, as the kernel assumes
+        extended = torch.nn.functional.pad(extended, (history - extended.shape[-1], 0))
+    final_states = extended[..., extended.shape[-1] - history:]
+    if final_states_out is not None:
+        if tuple(final_states_out.shape) != (batch, dim, history):
+            raise ValueError(f"causal_conv1d_fn: final_states_out must have shape {(batch, dim, history)}, "
+                             f"got {tuple(final_states_out.shape)}")
+        final_states = final_states_out.copy_(final_states)
+    return out, final_states
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

@@ -45,7 +45,8 @@ def mamba_inner_fn(xz: torch.Tensor, conv1d_weight: torch.Tensor, conv1d_bias: t
                          f"got {tuple(x_proj_weight.shape)}")
     x, z = xz.chunk(2, dim=1)
     weight = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight
-    x = causal_conv1d_fn(x, weight.to(dtype), None if conv1d_bias is None else conv1d_bias.to(dtype), "silu")
+    x = causal_conv1d_fn(x, weight.to(dtype), None if conv1d_bias is None else conv1d_bias.to(dtype),
+                         activation="silu")
     x_dbl = F.linear(x.transpose(1, 2), x_proj_weight.to(dtype))            # (batch, L, dt_rank + 2N)
     dt, B_in, C_in = x_dbl.split([dt_rank, dstate, dstate], dim=-1)
     if dt_rms_weight is not None:

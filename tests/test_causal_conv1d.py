@@ -62,7 +62,7 @@ def test_matches_reference(shape, dtype, device, activation):
 def test_every_cpu_instruction_set_copy(isa, monkeypatch):
     monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)
     x, w, b = make((2, 16, 151, 4), torch.float32, "cpu")
-    torch.testing.assert_close(shammie.causal_conv1d_fn(x, w, b, "silu"),
+    torch.testing.assert_close(shammie.causal_conv1d_fn(x, w, b, activation="silu"),
                                causal_conv1d_reference(x.double(), w.double(), b.double(), "silu").float())
 
 
@@ -91,7 +91,7 @@ def test_update_with_2d_x_and_channel_last_state_equals_running_the_whole_sequen
     # Decoding token by token from a zero state reproduces the full causal conv.
     batch, dim, seqlen, width = 2, 8, 9, 4
     x, w, b = make((batch, dim, seqlen, width), torch.float64, device)
-    full = shammie.causal_conv1d_fn(x, w, b, "silu")
+    full = shammie.causal_conv1d_fn(x, w, b, activation="silu")
     state = torch.zeros(batch, width - 1, dim, dtype=torch.float64, device=device).transpose(1, 2)  # channel-last
     steps = [shammie.causal_conv1d_update(x[:, :, t], state, w, b, "silu") for t in range(seqlen)]
     torch.testing.assert_close(torch.stack(steps, dim=-1), full)
@@ -102,7 +102,7 @@ def test_gradcheck(device):
     for width, activation, bias in ((4, "silu", True), (3, None, False), (1, "silu", True)):
         x, w, b = make((2, 3, 11, width), torch.float64, device, "channel-last", bias)
         inputs = [t.requires_grad_() for t in (x, w) + ((b,) if bias else ())]
-        fn = lambda x, w, *b: shammie.causal_conv1d_fn(x, w, b[0] if b else None, activation)
+        fn = lambda x, w, *b: shammie.causal_conv1d_fn(x, w, b[0] if b else None, activation=activation)
         assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -127,7 +127,7 @@ def test_torch_compile_fullgraph(device):
     w.requires_grad_()
 
     def block(x, w, b, state, token):
-        y = shammie.causal_conv1d_fn(x * 2, w, b, "silu")
+        y = shammie.causal_conv1d_fn(x * 2, w, b, activation="silu")
         step = shammie.causal_conv1d_update(token, state, w.detach(), b, "silu")
         return y.sum(dim=-1) + step
 
@@ -177,3 +177,77 @@ def test_bad_activation_and_update_state():
         shammie.causal_conv1d_update(x[:, :, 0], torch.zeros(2, 5, 3), w, b)
     with pytest.raises(TypeError, match="conv_state must have the same dtype as x"):
         shammie.causal_conv1d_update(x[:, :, 0], torch.zeros(2, 4, 3, dtype=torch.float64), w, b)
+
+
+# ---- causal-conv1d's chunking arguments: initial_states, return_final_states, final_states_out ----
+
+def chunked_reference(x, w, b, initial, activation):
+    """The reference on [initial, x] (zeros when initial is None), and its last width − 1 inputs."""
+    history = w.shape[1] - 1
+    if initial is None:
+        initial = x.new_zeros(x.shape[0], x.shape[1], history)
+    full = torch.cat([initial, x], dim=-1)
+    out = causal_conv1d_reference(full, w, b, activation=activation)[..., history:]
+    return out, full[..., full.shape[-1] - history:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 1, 4), (2, 5, 2, 4), (1, 3, 129, 2), (2, 16, 37, 4), (2, 5, 7, 1)], ids=str)
+@pytest.mark.parametrize("with_initial", [True, False])
+def test_initial_and_final_states_match_reference(shape, dtype, device, with_initial):
+    x, w, b = make(shape, dtype, device)
+    batch, dim, _, width = shape
+    initial = (torch.randn(batch, dim, width - 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+               .to(device=device, dtype=dtype) if with_initial else None)
+    out, final = shammie.causal_conv1d_fn(x, w, b, initial_states=initial, return_final_states=True,
+                                          activation="silu")
+    to64 = lambda t: None if t is None else t.cpu().double()
+    ref_out, ref_final = chunked_reference(to64(x), to64(w), to64(b), to64(initial), "silu")
+    low = torch.float64 if dtype == torch.float64 else torch.float32
+    to_low = lambda t: None if t is None else t.cpu().to(low)
+    low_out, _ = chunked_reference(to_low(x), to_low(w), to_low(b), to_low(initial), "silu")
+    assert_matches_reference(out, ref_out, low_out.to(dtype), "out")
+    assert torch.equal(final.cpu().double(), ref_final)   # a copy of inputs: exact
+
+
+def test_chunks_with_carried_states_equal_one_pass():
+    """What the arguments are for: a long sequence in chunks, each started from the last one's states."""
+    x, w, b = make((2, 6, 100, 4), torch.float32, "cpu")
+    whole = shammie.causal_conv1d_fn(x, w, b, activation="silu")
+    states, pieces = None, []
+    for chunk in x.split([1, 2, 40, 57], dim=-1):
+        out, states = shammie.causal_conv1d_fn(chunk, w, b, initial_states=states, return_final_states=True,
+                                               activation="silu")
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, dim=-1), whole, rtol=0, atol=0)
+
+
+def test_initial_states_gradcheck_and_final_states_out():
+    x, w, b = make((2, 3, 9, 3), torch.float64, "cpu")
+    initial = torch.randn(2, 3, 2, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (x, w, b, initial)]
+
+    def fn(x, w, b, initial):
+        out, final = shammie.causal_conv1d_fn(x, w, b, initial_states=initial, return_final_states=True,
+                                              activation="silu")
+        return out, final
+
+    assert torch.autograd.gradcheck(fn, args)
+    buffer = torch.full((2, 3, 2), float("nan"), dtype=torch.float64)
+    _, final = shammie.causal_conv1d_fn(x, w, b, return_final_states=True, final_states_out=buffer)
+    assert final is buffer and torch.equal(buffer, x[..., -2:])
+
+
+def test_chunking_arguments_bad_input():
+    x, w, b = make((2, 4, 9, 4), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"initial_states must have shape \(batch, dim, width - 1\) = \(2, 4, 3\)"):
+        shammie.causal_conv1d_fn(x, w, b, initial_states=torch.zeros(2, 4, 2))
+    with pytest.raises(TypeError, match="initial_states must have x's dtype and device"):
+        shammie.causal_conv1d_fn(x, w, b, initial_states=torch.zeros(2, 4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"final_states_out must have shape \(2, 4, 3\)"):
+        shammie.causal_conv1d_fn(x, w, b, return_final_states=True, final_states_out=torch.zeros(2, 4, 2))
+    with pytest.raises(NotImplementedError, match=r"packed sequences \(seq_idx"):
+        shammie.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 9, dtype=torch.int32))
+    with pytest.raises(TypeError, match="pass activation= by keyword"):
+        shammie.causal_conv1d_fn(x, w, b, "silu")

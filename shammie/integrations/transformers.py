@@ -36,7 +36,7 @@ def _no_packed_sequences(kwargs, name):
 def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
     _no_packed_sequences(kwargs, "causal_conv1d_fn")
     x = hidden_states.to(weight.dtype)
-    return shammie.causal_conv1d_fn(x, weight, bias, activation).to(hidden_states.dtype)
+    return shammie.causal_conv1d_fn(x, weight, bias, activation=activation).to(hidden_states.dtype)
 
 
 def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
