@@ -1,4 +1,4 @@
-"""shammie.manticore: hybrids of HF GPT-2 / GPT-NeoX / Mamba models built offline from configs. One-hot α gives each
+"""shammie.manticore: hybrids of HF GPT-2 / GPT-NeoX / Mamba / Mamba2 models built offline from configs. One-hot α gives each
 component's own logits bit for bit; each training phase moves only its parameters; α stays on the simplex;
 save/load round-trips; mismatches fail clearly; the search prefers a component that knows the task."""
 
@@ -40,6 +40,13 @@ def mamba(seed=1, vocab=V, layers=4, width=48):
     return transformers.MambaForCausalLM(config)
 
 
+def mamba2(seed=4, vocab=V, layers=3, width=32):
+    torch.manual_seed(seed)
+    config = transformers.Mamba2Config(vocab_size=vocab, hidden_size=width, state_size=16, num_hidden_layers=layers,
+                                       expand=2, head_dim=16, num_heads=4, n_groups=2, conv_kernel=4, chunk_size=16)
+    return transformers.Mamba2ForCausalLM(config)
+
+
 def neox(seed=2, vocab=V):
     torch.manual_seed(seed)
     config = transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=40, num_hidden_layers=3, num_attention_heads=4,
@@ -60,11 +67,11 @@ def one_hot(k, m, i):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [False, True])
 def test_one_hot_alpha_gives_each_components_logits_exactly(device, dtype, training):
-    models = [m.to(device=device, dtype=dtype).train(training) for m in (gpt2(), mamba(), neox())]
+    models = [m.to(device=device, dtype=dtype).train(training) for m in (gpt2(), mamba(), neox(), mamba2())]
     hybrid = Manticore.from_models(models, n_mixtures=3, projector="linear_skip").train(training)
     ids = tokens(device)
     for i, model in enumerate(models):
-        hybrid.program(one_hot(3, 3, i))
+        hybrid.program(one_hot(3, 4, i))
         with torch.no_grad(), use_shammie_kernels():
             expected = model(ids).logits
         with torch.no_grad():
@@ -124,6 +131,23 @@ def test_mixed_program_runs_blocks_of_both_models_bf16():
         hybrid.unprogram()
         logits, _ = hybrid(ids)
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba2_hybrid_trains_on_the_ssd_kernels(device):
+    """A GPT-2 + Mamba2 hybrid with soft α: the Mamba2 blocks run shammie's SSD scan forward and
+    backward, and the loss reaches α, the projectors and both models."""
+    hybrid = Manticore.from_models([gpt2().to(device), mamba2().to(device)], n_mixtures=3).train()
+    ids = tokens(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _, loss = hybrid(ids, ids)
+        loss.backward()
+    called = {e.name for e in prof.events()}
+    assert {"shammie::ssd_scan", "shammie::ssd_scan_backward"} <= called
+    assert torch.isfinite(loss)
+    for part in (hybrid.alpha_parameters(), hybrid.projector_parameters(), hybrid.model_parameters()):
+        grads = [p.grad for p in part if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
 
 
 def _loader(device, n=4, batch=4, length=16, seed=0):

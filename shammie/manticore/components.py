@@ -1,7 +1,8 @@
 """How Manticore runs one Hugging Face causal LM in pieces: embed(ids) -> h, block i: h -> h, head(h) -> logits,
 each exactly as the model's own forward computes them (same masks, positions, dropout and dtype casts).
 
-Supported: GPT-2 (`GPT2LMHeadModel`), GPT-NeoX (`GPTNeoXForCausalLM`) and Mamba (`MambaForCausalLM`).
+Supported: GPT-2 (`GPT2LMHeadModel`), GPT-NeoX (`GPTNeoXForCausalLM`), Mamba (`MambaForCausalLM`) and Mamba2
+(`Mamba2ForCausalLM`).
 """
 
 from __future__ import annotations
@@ -128,7 +129,14 @@ class MambaComponent(Component):
         return self.model.lm_head(h.to(self.model.lm_head.weight.dtype)).float()
 
 
-COMPONENTS = {c.kind: c for c in (GPT2Component, GPTNeoXComponent, MambaComponent)}
+class Mamba2Component(MambaComponent):
+    """Mamba2's backbone runs like Mamba's: embeddings, blocks on the residual stream, norm_f, head in
+    float32 (without a padding mask its recurrent attention mask is None)."""
+
+    kind = "mamba2"
+
+
+COMPONENTS = {c.kind: c for c in (GPT2Component, GPTNeoXComponent, MambaComponent, Mamba2Component)}
 
 
 def component_for(model: torch.nn.Module) -> Component:

@@ -35,7 +35,7 @@ class ManticoreConfig:
         updates, see `ExponentiatedGradient`).
     vocab_maps: per model, None (the model's own vocabulary is the shared one) or a list mapping each shared
         token id to that model's token id.
-    shammie_kernels: run Mamba blocks on shammie's ops (False: transformers' torch path).
+    shammie_kernels: run Mamba and Mamba2 blocks on shammie's ops (False: transformers' torch path).
     """
 
     n_mixtures: int = 4
@@ -233,7 +233,7 @@ class Manticore(torch.nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _kernels(self):
-        if self.config.shammie_kernels and any(c.kind == "mamba" for c in self.components):
+        if self.config.shammie_kernels and any(c.kind in ("mamba", "mamba2") for c in self.components):
             from shammie.integrations.transformers import use_shammie_kernels
 
             return use_shammie_kernels()
