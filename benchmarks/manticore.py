@@ -1,6 +1,7 @@
-"""Manticore hybrid step: forward and forward+backward of a GPT-2 + Mamba hybrid (2 mixture positions, softmax α,
-linear_skip projectors, every parameter trainable) with its Mamba blocks on shammie's ops, against the same
-hybrid on transformers' torch fallback path (its Python loop over the sequence), on the same weights and tokens.
+"""Manticore hybrid step: forward and forward+backward of a GPT-2 + Mamba (or Mamba2) hybrid (2 mixture positions,
+softmax α, linear_skip projectors, every parameter trainable) with its Mamba blocks on shammie's ops, against the
+same hybrid on transformers' torch fallback path (Mamba: its Python loop over the sequence; Mamba2: its chunked
+SSD in einsums), on the same weights and tokens.
 Rates count tokens: GFLOP/s from 2·params·tokens forward and 4·params·tokens backward (embeddings included)."""
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import torch
 
 from shammie.benchmarks.harness import Case
 
-# (name, width, layers per model, batch, length): small models, so the CPU case stays within seconds
-SHAPES = [("GPT-2 2×128 + Mamba 2×128, vocab 2048, 2×64 tokens", 128, 2, 2, 64)]
+# (name, second model, width, layers per model, batch, length): small models, so the CPU cases stay within seconds
+SHAPES = [("GPT-2 2×128 + Mamba 2×128, vocab 2048, 2×64 tokens", "mamba", 128, 2, 2, 64),
+          ("GPT-2 2×128 + Mamba2 2×128, vocab 2048, 2×64 tokens", "mamba2", 128, 2, 2, 64)]
 VOCAB = 2048    # a small shared vocabulary: the LM heads would otherwise dominate both paths alike
 
 
-def _hybrid(width, layers, device, dtype):
+def _hybrid(second, width, layers, device, dtype):
     import transformers
 
     from shammie.manticore import Manticore
@@ -26,14 +28,19 @@ def _hybrid(width, layers, device, dtype):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=layers, n_embd=width, n_head=width // 64, n_positions=1024, vocab_size=VOCAB,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(
-        vocab_size=VOCAB, hidden_size=width, state_size=16, num_hidden_layers=layers, expand=2, conv_kernel=4))
-    models = [m.to(device=device, dtype=dtype) for m in (gpt2, mamba)]
+    if second == "mamba":
+        ssm = transformers.MambaForCausalLM(transformers.MambaConfig(
+            vocab_size=VOCAB, hidden_size=width, state_size=16, num_hidden_layers=layers, expand=2, conv_kernel=4))
+    else:   # Mamba2's usual head width 64 and N 128
+        ssm = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            vocab_size=VOCAB, hidden_size=width, state_size=128, num_hidden_layers=layers, expand=2, head_dim=64,
+            num_heads=2 * width // 64, n_groups=1, conv_kernel=4, chunk_size=64))
+    models = [m.to(device=device, dtype=dtype) for m in (gpt2, ssm)]
     return Manticore.from_models(models, n_mixtures=2, projector="linear_skip").train()
 
 
-def _case(name, width, layers, batch, length, dtype, device) -> Case:
-    hybrid = _hybrid(width, layers, device, dtype)
+def _case(name, second, width, layers, batch, length, dtype, device) -> Case:
+    hybrid = _hybrid(second, width, layers, device, dtype)
 
     def run(kernels):
         def forward(ids):
@@ -49,7 +56,7 @@ def _case(name, width, layers, batch, length, dtype, device) -> Case:
     tokens = batch * length
     size = torch.empty((), dtype=dtype).element_size()
     return Case(op="manticore step", shape=name, dtype=dtype, make_inputs=make_inputs, ours=run(True), peer=run(False),
-                peer_name="the same hybrid on transformers' torch fallback for Mamba (no mamba_ssm)",
+                peer_name="the same hybrid on transformers' torch fallback for Mamba / Mamba2 (no mamba_ssm)",
                 bytes_forward=size * (params + tokens * VOCAB), bytes_backward=size * (2 * params + tokens * VOCAB),
                 flops_forward=2.0 * params * tokens, flops_backward=4.0 * params * tokens)
 
