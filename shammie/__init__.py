@@ -8,7 +8,7 @@ _C = _load_extension()
 
 from shammie.causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: E402
 from shammie.frechet import frechet_topk, gemm_bias_topk  # noqa: E402
-from shammie.mamba2 import mamba_chunk_scan_combined  # noqa: E402
+from shammie.mamba2 import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined  # noqa: E402
 from shammie.mamba_inner import mamba_inner_fn  # noqa: E402
 from shammie.monarch import blockdiag_butterfly_multiply  # noqa: E402
 from shammie.selective_scan import selective_scan_fn, selective_state_update  # noqa: E402
@@ -28,4 +28,4 @@ def build_info() -> dict:
 
 __all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
            "frechet_topk", "gemm_bias_topk",
-           "mamba_chunk_scan_combined", "mamba_inner_fn", "selective_scan_fn", "selective_state_update", "tree_frechet_topk"]
+           "mamba_chunk_scan_combined", "mamba_inner_fn", "mamba_split_conv1d_scan_combined", "selective_scan_fn", "selective_state_update", "tree_frechet_topk"]

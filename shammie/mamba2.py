@@ -118,6 +118,87 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     return (out, final_state) if return_final_states else out
 
 
+def _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
+    """mamba_ssm's gated RMSNorm over groups of `group_size` channels, in float32 (float64 for float64):
+    RMSNorm(x)·silu(z) if norm_before_gate, else RMSNorm(x·silu(z)); out in x's dtype."""
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(math_dtype)
+    gate = F.silu(z.to(math_dtype))
+    if not norm_before_gate:
+        y = y * gate
+    grouped = y.unflatten(-1, (-1, group_size))
+    y = (grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(math_dtype)
+    if norm_before_gate:
+        y = y * gate
+    return y.to(x.dtype)
+
+
+def mamba_split_conv1d_scan_combined(zxbcdt: torch.Tensor, conv1d_weight: torch.Tensor,
+                                     conv1d_bias: torch.Tensor | None, dt_bias: torch.Tensor, A: torch.Tensor,
+                                     D: torch.Tensor, chunk_size: int | None = None,
+                                     initial_states: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                                     dt_limit: tuple[float, float] = _NO_LIMIT, return_final_states: bool = False,
+                                     activation: str | None = "silu", rmsnorm_weight: torch.Tensor | None = None,
+                                     rmsnorm_eps: float = 1e-6, outproj_weight: torch.Tensor | None = None,
+                                     outproj_bias: torch.Tensor | None = None, headdim: int | None = None,
+                                     ngroups: int = 1, norm_before_gate: bool = True):
+    """A Mamba-2 mixer after its in-projection, mamba_ssm's contract (its training path): split
+    zxbcdt (batch, seqlen, 2·dim + 2·ngroups·dstate + nheads) into z, xBC and dt; causal conv1d with
+    `activation` over xBC (weight (dim + 2·ngroups·dstate, width) or the Conv1d module's
+    (·, 1, width)); the SSD scan with dt_bias, softplus, D and dt_limit (z gating inside the scan when
+    there is no `rmsnorm_weight`); then the gated RMSNorm over groups of dim / ngroups channels and the
+    out-projection when their weights are given. D is (nheads,) with `headdim`, or (nheads, headdim).
+    Returns out (batch, seqlen, out_dim or dim), and with `return_final_states` the final SSM state.
+
+    Composed from shammie's conv and scan ops (each with its own backward) and torch's norm and GEMM:
+    exact gradients, visible to torch.compile, but not mamba_ssm's single fused kernel.
+    """
+    op = "mamba_split_conv1d_scan_combined"
+    if zxbcdt.dim() != 3:
+        raise ValueError(f"{op}: zxbcdt must be (batch, seqlen, channels), got {tuple(zxbcdt.shape)}")
+    if D.dim() == 1:
+        if headdim is None:
+            raise ValueError(f"{op}: pass headdim when D is per head ({tuple(D.shape)})")
+        heads = D.shape[0]
+    elif D.dim() == 2:
+        heads, headdim = D.shape
+    else:
+        raise ValueError(f"{op}: D must be (nheads,) or (nheads, headdim), got {tuple(D.shape)}")
+    batch, seqlen, channels = zxbcdt.shape
+    dim = heads * headdim
+    if ngroups < 1 or heads % ngroups or (channels - 2 * dim - heads) <= 0 or (channels - 2 * dim - heads) % (2 * ngroups):
+        raise ValueError(f"{op}: zxbcdt's last dim ({channels}) must be 2·dim + 2·ngroups·dstate + nheads with "
+                         f"dim = {dim}, nheads = {heads} (a multiple of ngroups = {ngroups}) and dstate >= 1")
+    dstate = (channels - 2 * dim - heads) // (2 * ngroups)
+    conv_dim = dim + 2 * ngroups * dstate
+    weight = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight
+    if weight.dim() != 2 or weight.shape[0] != conv_dim:
+        raise ValueError(f"{op}: conv1d_weight must be ({conv_dim}, width) or ({conv_dim}, 1, width), "
+                         f"got {tuple(conv1d_weight.shape)}")
+    if rmsnorm_weight is not None and tuple(rmsnorm_weight.shape) != (dim,):
+        raise ValueError(f"{op}: rmsnorm_weight must have shape ({dim},), got {tuple(rmsnorm_weight.shape)}")
+    from shammie.causal_conv1d import causal_conv1d_fn
+
+    z, xBC, dt = zxbcdt.split([dim, conv_dim, heads], dim=-1)
+    xBC = causal_conv1d_fn(xBC.transpose(1, 2), weight.to(zxbcdt.dtype),
+                           None if conv1d_bias is None else conv1d_bias.to(zxbcdt.dtype),
+                           activation=activation).transpose(1, 2)
+    x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    z = z.unflatten(-1, (heads, headdim))
+    scanned = mamba_chunk_scan_combined(
+        x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
+        C.unflatten(-1, (ngroups, dstate)), chunk_size, D=D, z=z if rmsnorm_weight is None else None,
+        dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
+        return_final_states=return_final_states)
+    out, final_state = scanned if return_final_states else (scanned, None)
+    out = out.flatten(-2)
+    if rmsnorm_weight is not None:
+        out = _gated_rms_norm(out, z.flatten(-2), rmsnorm_weight, rmsnorm_eps, dim // ngroups, norm_before_gate)
+    if outproj_weight is not None:
+        out = F.linear(out, outproj_weight.to(out.dtype), None if outproj_bias is None else outproj_bias.to(out.dtype))
+    return (out, final_state) if return_final_states else out
+
+
 # ---- registration: fake kernels and autograd for torch.ops.shammie.ssd_scan ------------------------
 
 def _accumulation_dtype(x):
@@ -179,4 +260,4 @@ def _backward(ctx, grad_out, grad_checkpoints, grad_final):
 torch.library.register_autograd("shammie::ssd_scan", _backward, setup_context=_setup_context)
 
 
-__all__ = ["mamba_chunk_scan_combined"]
+__all__ = ["mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined"]

@@ -256,3 +256,96 @@ def test_bad_input_is_a_clear_error(change, error, message):
     kwargs = {"chunk_size": 16, **kwargs}
     with pytest.raises(error, match=message):
         shammie.mamba_chunk_scan_combined(**inputs, dt_softplus=True, **kwargs)
+
+
+# ---- mamba_split_conv1d_scan_combined: the Mamba-2 mixer after its in-projection ------------------
+
+def split_reference(zxbcdt, weight, bias, dt_bias, A, D, headdim, ngroups, rms_weight, eps, out_w, out_b,
+                    norm_before_gate, initial_states, dt_limit):
+    """The mixer written from the references in float64: conv, sequential scan, grouped gated RMSNorm, GEMM."""
+    from shammie.reference.causal_conv1d import causal_conv1d_reference
+
+    heads = A.shape[0]
+    dim = heads * headdim
+    dstate = (zxbcdt.shape[-1] - 2 * dim - heads) // (2 * ngroups)
+    z, xBC, dt = zxbcdt.split([dim, dim + 2 * ngroups * dstate, heads], dim=-1)
+    xBC = causal_conv1d_reference(xBC.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)
+    x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    y, state = ssd_scan_reference(x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
+                                  C.unflatten(-1, (ngroups, dstate)), D, None if rms_weight is not None else
+                                  z.unflatten(-1, (heads, headdim)), dt_bias, initial_states, True, dt_limit)
+    y = y.flatten(-2)
+    if rms_weight is not None:
+        gate = torch.nn.functional.silu(z)
+        y = y if norm_before_gate else y * gate
+        g = y.unflatten(-1, (ngroups, dim // ngroups))
+        y = (g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * rms_weight
+        y = y * gate if norm_before_gate else y
+    if out_w is not None:
+        y = y @ out_w.T + (out_b if out_b is not None else 0)
+    return y, state
+
+
+SPLIT_CASES = {
+    "norm after gate (HF), groups 2, out-proj": dict(ngroups=2, norm=True, before=False, proj=True, D="head"),
+    "norm before gate, one group": dict(ngroups=1, norm=True, before=True, proj=True, D="channel"),
+    "z in the scan, no norm, no proj, initial state, dt_limit": dict(ngroups=2, norm=False, before=True, proj=False,
+                                                                    D="head", initial=True, limit=(0.05, 1.0)),
+}
+
+
+def split_inputs(ngroups, norm, before, proj, D, initial=False, limit=NO_LIMIT, batch=2, L=40, heads=4, headdim=3,
+                 dstate=8, width=4, out_dim=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+    dim = heads * headdim
+    conv_dim = dim + 2 * ngroups * dstate
+    return dict(zxbcdt=r(batch, L, 2 * dim + 2 * ngroups * dstate + heads), conv1d_weight=r(conv_dim, width) * 0.5,
+                conv1d_bias=r(conv_dim), dt_bias=r(heads) * 0.3,
+                A=-torch.rand(heads, generator=g, dtype=torch.float64).to(dtype) - 0.2,
+                D=r(heads) if D == "head" else r(heads, headdim), headdim=headdim, ngroups=ngroups,
+                rmsnorm_weight=r(dim) if norm else None, outproj_weight=r(out_dim, dim) if proj else None,
+                outproj_bias=r(out_dim) if proj else None, norm_before_gate=before,
+                initial_states=r(batch, heads, headdim, dstate) if initial else None, dt_limit=limit)
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_conv1d_scan_matches_reference(case):
+    inputs = split_inputs(**SPLIT_CASES[case])
+    out, state = shammie.mamba_split_conv1d_scan_combined(**inputs, chunk_size=16, rmsnorm_eps=1e-5,
+                                                          return_final_states=True)
+    ref_out, ref_state = split_reference(
+        inputs["zxbcdt"], inputs["conv1d_weight"], inputs["conv1d_bias"], inputs["dt_bias"], inputs["A"],
+        inputs["D"], inputs["headdim"], inputs["ngroups"], inputs["rmsnorm_weight"], 1e-5, inputs["outproj_weight"],
+        inputs["outproj_bias"], inputs["norm_before_gate"], inputs["initial_states"], inputs["dt_limit"])
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
+
+
+def test_split_conv1d_scan_gradcheck_and_float32():
+    inputs = split_inputs(**SPLIT_CASES["norm after gate (HF), groups 2, out-proj"], L=20)
+    names = ["zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "rmsnorm_weight", "outproj_weight"]
+    rest = {k: v for k, v in inputs.items() if k not in names}
+
+    def fn(*args):
+        return shammie.mamba_split_conv1d_scan_combined(**dict(zip(names, args)), **rest, chunk_size=16)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k].requires_grad_() for k in names), eps=1e-6, atol=1e-5)
+    low = {k: v.detach().float() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    want = fn(*(inputs[k].detach() for k in names))
+    got = shammie.mamba_split_conv1d_scan_combined(**low, chunk_size=16)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_split_conv1d_scan_bad_input():
+    inputs = split_inputs(ngroups=2, norm=True, before=False, proj=True, D="head")
+    with pytest.raises(ValueError, match="pass headdim when D is per head"):
+        shammie.mamba_split_conv1d_scan_combined(**{**inputs, "headdim": None}, chunk_size=16)
+    with pytest.raises(ValueError, match=r"zxbcdt's last dim \(\d+\) must be 2·dim \+ 2·ngroups·dstate \+ nheads"):
+        shammie.mamba_split_conv1d_scan_combined(**{**inputs, "zxbcdt": inputs["zxbcdt"][..., :-1]}, chunk_size=16)
+    with pytest.raises(ValueError, match=r"conv1d_weight must be \(44, width\)"):
+        shammie.mamba_split_conv1d_scan_combined(**{**inputs, "conv1d_weight": inputs["conv1d_weight"][:-1]},
+                                                 chunk_size=16)
+    with pytest.raises(ValueError, match=r"rmsnorm_weight must have shape \(12,\)"):
+        shammie.mamba_split_conv1d_scan_combined(**{**inputs, "rmsnorm_weight": inputs["rmsnorm_weight"][:-1]},
+                                                 chunk_size=16)

@@ -7,11 +7,10 @@ Python loop over the sequence). `use_shammie_kernels()` rebinds those names to s
 - Mamba (`MambaForCausalLM`, `MambaModel`): training (`mamba_inner_fn`), prefill (`causal_conv1d_fn`
   + `selective_scan_fn` with the last state for the cache) and decode (`causal_conv1d_update` +
   `selective_state_update`).
-- Mamba2 (`Mamba2ForCausalLM`, `Mamba2Model`): training and prefill (`causal_conv1d_fn` +
-  `mamba_chunk_scan_combined`, with the start state of a chunked prefill and the final state for the
-  cache) and decode (`causal_conv1d_update` + `selective_state_update`). transformers' fused training
-  entry (`mamba_split_conv1d_scan_combined`) stays its no-op fallback, so training takes the unfused
-  path through the same two ops.
+- Mamba2 (`Mamba2ForCausalLM`, `Mamba2Model`): training (`mamba_split_conv1d_scan_combined`: conv,
+  SSD scan, gated RMSNorm and out-projection), prefill (`causal_conv1d_fn` + `mamba_chunk_scan_combined`,
+  with the start state of a chunked prefill and the final state for the cache) and decode
+  (`causal_conv1d_update` + `selective_state_update`).
 
 Call it once, or use it as a context manager; `restore()` (or leaving the `with`) undoes it.
 """
@@ -67,6 +66,22 @@ def mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=No
                                              dt_limit=dt_limit, return_final_states=return_final_states)
 
 
+def mamba2_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                      initial_states=None, dt_limit=(0.0, math.inf), return_final_states=False,
+                                      activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
+                                      outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True, **kwargs):
+    """transformers' fused Mamba2 training entry (mamba_ssm's `mamba_split_conv1d_scan_combined`). For an
+    activation shammie's conv does not fuse it returns None, which sends transformers to its unfused path."""
+    if activation not in (None, "silu", "swish"):
+        return None
+    _no_packed_sequences(kwargs, "mamba_split_conv1d_scan_combined")
+    return shammie.mamba_split_conv1d_scan_combined(
+        zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=initial_states,
+        dt_limit=dt_limit, return_final_states=return_final_states, activation=activation,
+        rmsnorm_weight=rmsnorm_weight, rmsnorm_eps=rmsnorm_eps, outproj_weight=outproj_weight,
+        outproj_bias=outproj_bias, headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate)
+
+
 # module -> {name in that module: shammie's replacement}
 _REPLACEMENTS = {
     "transformers.models.mamba.modeling_mamba": {
@@ -81,6 +96,7 @@ _REPLACEMENTS = {
         "causal_conv1d_update": causal_conv1d_update,
         "mamba2_selective_state_update": selective_state_update,
         "mamba2_chunk_scan": mamba2_chunk_scan,
+        "mamba2_split_conv1d_scan_combined": mamba2_split_conv1d_scan_combined,
     },
 }
 
