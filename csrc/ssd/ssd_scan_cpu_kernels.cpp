@@ -28,6 +28,7 @@ namespace {
 
 using ssd::kInterval;
 constexpr int64_t kBackwardItems = 16;
+constexpr int64_t kSliceBytes = int64_t(256) << 20;
 
 // The arguments as pointers and sizes (the index maps are ssd::Layout's).
 template <typename scalar_t, typename acc_t>
@@ -323,8 +324,12 @@ void backward(const ssd::SsdBackwardArgs& a) {
   const auto v = View<scalar_t, acc_t>::of(a.in);
   const int64_t batch = a.in.batch, per_group = v.heads_per_group;
   // About kBackwardItems work items, whatever the thread count, so that the sums over slices (and so
-  // the gradients) come out the same on any machine.
-  const int64_t slices = std::clamp<int64_t>((kBackwardItems + batch * v.G - 1) / (batch * v.G), 1, per_group);
+  // the gradients) come out the same on any machine; but no more than kSliceBytes of dB / dC copies
+  // (a long sequence at batch 1 would otherwise take gigabytes).
+  const int64_t copy_bytes = 2 * batch * v.L * v.G * v.N * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t max_slices = std::max<int64_t>(1, kSliceBytes / std::max<int64_t>(copy_bytes, 1));
+  const int64_t slices = std::clamp<int64_t>((kBackwardItems + batch * v.G - 1) / (batch * v.G), 1,
+                                             std::min(per_group, max_slices));
   const int64_t heads_per_slice = (per_group + slices - 1) / slices;
   const auto acc_opts = a.in.A.options();
   at::Tensor dB = slices == 1 ? a.dB : at::zeros({slices, batch, v.L, v.G, v.N}, acc_opts);
