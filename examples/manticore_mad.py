@@ -2,13 +2,13 @@
 
 Each sequence lists key/value pairs, then repeats one key; the model must answer with that key's value:
     k1 v1 k2 v2 ... kn vn  q  v(q)
-Only the answer is scored. A tiny GPT-2 and a tiny Mamba (built offline from configs, random weights) are each
-trained briefly on the task; the hybrid is built from them and goes through the three Manticore phases:
+Only the answer is scored. A tiny GPT-2 and a tiny Mamba (or Mamba2 with `--ssm mamba2`; built offline from
+configs, random weights) are each trained briefly on the task; the hybrid is built from them and goes through the three Manticore phases:
 projector pretraining, α search (α on validation batches, projectors on training batches) and fine-tuning with
 α fixed. Prints the α trajectory and the final accuracy against each component alone, both as it was handed
 to the hybrid and after the same number of extra fine-tuning steps as the hybrid got (a fair budget).
 
-    python examples/manticore_mad.py [--component-steps 1200] [--search-steps 120] [--finetune-steps 400]
+    python examples/manticore_mad.py [--ssm mamba|mamba2] [--component-steps 1200] [--search-steps 120] [--finetune-steps 400]
 """
 
 from __future__ import annotations
@@ -57,6 +57,16 @@ def mamba(width):
     return transformers.MambaForCausalLM(config)
 
 
+def mamba2(width):
+    config = transformers.Mamba2Config(vocab_size=VOCAB, hidden_size=width, state_size=16, num_hidden_layers=2,
+                                       expand=2, head_dim=16, num_heads=2 * width // 16, n_groups=1, conv_kernel=4,
+                                       chunk_size=16)
+    return transformers.Mamba2ForCausalLM(config)
+
+
+SSMS = {"mamba": ("Mamba", mamba), "mamba2": ("Mamba2", mamba2)}
+
+
 def lm_loss(logits, labels):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                              ignore_index=-100)
@@ -88,6 +98,7 @@ def accuracy(forward, data) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ssm", choices=sorted(SSMS), default="mamba", help="the state-space component")
     parser.add_argument("--component-steps", type=int, default=1200)
     parser.add_argument("--projector-steps", type=int, default=200)
     parser.add_argument("--search-steps", type=int, default=120)
@@ -107,8 +118,10 @@ def main(argv=None):
     n_train = max(args.component_steps, args.projector_steps, args.search_steps, args.finetune_steps)
     train, val, test = batches(1, n_train, args.batch), batches(2, 16, args.batch), batches(3, 16, 64)
 
+    ssm_name, build_ssm = SSMS[args.ssm]
     components = {"gpt2": train_component(gpt2(args.width), train, args.component_steps, args.lr, "pretrain GPT-2"),
-                  "mamba": train_component(mamba(args.width), train, args.component_steps, args.lr, "pretrain Mamba")}
+                  args.ssm: train_component(build_ssm(args.width), train, args.component_steps, args.lr,
+                                            f"pretrain {ssm_name}")}
     alone = {name: accuracy(lambda ids, m=m.eval(): m(ids).logits, test) for name, m in components.items()}
 
     hybrid = Manticore.from_models([copy.deepcopy(m) for m in components.values()], n_mixtures=args.mixtures,

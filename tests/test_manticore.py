@@ -355,7 +355,8 @@ def test_bench_harness_takes_token_ids():
     assert row["ours_fwdbwd_s"] > 0 and row["peer_fwdbwd_s"] > 0
 
 
-def test_mad_example_runs():
+@pytest.mark.parametrize("ssm", ["mamba", "mamba2"])
+def test_mad_example_runs(ssm):
     import os
     import subprocess
     import sys
@@ -363,9 +364,9 @@ def test_mad_example_runs():
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(root / "examples" / "manticore_mad.py"), "--component-steps", "3",
-                             "--projector-steps", "2", "--search-steps", "2", "--finetune-steps", "2"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, str(root / "examples" / "manticore_mad.py"), "--ssm", ssm,
+                             "--component-steps", "3", "--projector-steps", "2", "--search-steps", "2",
+                             "--finetune-steps", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "α trajectory during search" in result.stdout and "hybrid:" in result.stdout
-    assert "mamba  alone:" in result.stdout and "gpt2   alone:" in result.stdout
+    assert f"{ssm:<6} alone:" in result.stdout and "gpt2   alone:" in result.stdout
