@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from shammie._checks import same_dtype_and_device
+
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -84,13 +86,7 @@ def _check(op: str, x, weight, bias, batch_dims: int = 3) -> None:
         raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight must be 2-D (dim, width), got a tensor of shape {tuple(weight.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} must be on the same device as x ({x.device}), got {t.device}")
+    same_dtype_and_device(op, "x", x, (("weight", weight), ("bias", bias)))
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"{op}: weight must have shape (dim, width) with dim = {x.shape[1]} (x's dimension 1), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (x.shape[1],):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from shammie._checks import same_dtype_and_device
+
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -43,13 +45,7 @@ def _check(op: str, x, w, bias, k, candidates) -> None:
         raise TypeError(f"{op}: {xname} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if w.dim() != 2:
         raise ValueError(f"{op}: {wname} must be 2-D (K, N), got a tensor of shape {tuple(w.shape)}")
-    for name, t in ((wname, w), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} must have the same dtype as {xname} ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} must be on the same device as {xname} ({x.device}), got {t.device}")
+    same_dtype_and_device(op, xname, x, ((wname, w), ("bias", bias)))
     if x.shape[1] != w.shape[0]:
         raise ValueError(f"{op}: {xname} is (B, K) = {tuple(x.shape)} and {wname} is (K, N) = {tuple(w.shape)}: "
                          "their K must match")

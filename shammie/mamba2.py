@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from shammie._checks import same_device, same_dtype
+
 _OP = "mamba_chunk_scan_combined"
 _MAX_DSTATE = 256
 _INTERVAL = 128   # csrc/ssd/ssd_scan.h kInterval: steps between the states the forward saves
@@ -46,13 +48,9 @@ def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit):
             continue
         if tuple(t.shape) != shape:
             raise ValueError(f"{_OP}: {name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{_OP}: {name} must be on x's device ({x.device}), got {t.device}")
-    if D is not None:
-        if tuple(D.shape) not in ((heads,), (heads, headdim)):
-            raise ValueError(f"{_OP}: D must have shape ({heads},) or ({heads}, {headdim}), got {tuple(D.shape)}")
-        if D.device != x.device:
-            raise ValueError(f"{_OP}: D must be on x's device ({x.device}), got {D.device}")
+    if D is not None and tuple(D.shape) not in ((heads,), (heads, headdim)):
+        raise ValueError(f"{_OP}: D must have shape ({heads},) or ({heads}, {headdim}), got {tuple(D.shape)}")
+    same_device(_OP, "x", x, (*((name, t) for name, (t, _) in expected.items()), ("D", D)))
     if not 1 <= dstate <= _MAX_DSTATE:
         raise ValueError(f"{_OP}: B and C must have 1 <= dstate <= {_MAX_DSTATE} (their last dim), got {dstate}")
     if groups < 1 or heads % groups:
@@ -208,9 +206,7 @@ def _accumulation_dtype(x):
 def _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states):
     """The checks of csrc/ssd/ssd_scan.cpp, for fake tensors: the layout checks plus one activation dtype."""
     _check(x, dt, A, B, C, None, D, z, dt_bias, initial_states, _NO_LIMIT)
-    for name, t in (("dt", dt), ("z", z)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"ssd_scan: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
+    same_dtype("ssd_scan", "x", x, (("dt", dt), ("z", z)))
     batch, seqlen, heads, headdim = x.shape
     return batch, seqlen, heads, headdim, B.shape[3]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from shammie._checks import same_dtype_and_device
+
 _OP = "blockdiag_butterfly_multiply"
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -33,11 +35,7 @@ def _check_args(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
         raise ValueError(f"{_OP}: w2_bfly must be 3-D (l, s, r), got a tensor of shape {tuple(w2.shape)}")
     if x.dtype not in _FLOATING:
         raise TypeError(f"{_OP}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    for name, w in (("w1_bfly", w1), ("w2_bfly", w2)):
-        if w.dtype != x.dtype:
-            raise TypeError(f"{_OP}: {name} must have the same dtype as x ({x.dtype}), got {w.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{_OP}: {name} must be on the same device as x ({x.device}), got {w.device}")
+    same_dtype_and_device(_OP, "x", x, (("w1_bfly", w1), ("w2_bfly", w2)))
     k, q, p = w1.shape
     l, s, r = w2.shape
     if k * p != x.shape[-1]:

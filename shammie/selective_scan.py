@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from shammie._checks import same_device, same_dtype
+
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
@@ -35,13 +37,9 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         if t is not None and tuple(t.shape) != expected:
             raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(t.shape)}")
-    for name, t in (("dt", dt), ("B", B), ("C", C), ("z", z)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
-    named = (("state", state), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("dt_bias", dt_bias))
-    for name, t in named:
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {name} must be on the same device as x ({x.device}), got {t.device}")
+    same_dtype(op, "x", x, (("dt", dt), ("B", B), ("C", C), ("z", z)))
+    same_device(op, "x", x, (("state", state), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                             ("dt_bias", dt_bias)))
     if state.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{op}: state must have x's dtype ({x.dtype}) or float32, got {state.dtype}")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -81,17 +79,14 @@ def _check_scan(op, u, delta, A, B, C, D, z, delta_bias):
     if u.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"{op}: u must be float32, float16, bfloat16 or float64, got {u.dtype}")
     batch, dim, seqlen = u.shape
-    named = (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias))
-    for name, t in named:
-        if t is not None and t.device != u.device:
-            raise ValueError(f"{op}: {name} must be on the same device as u ({u.device}), got {t.device}")
+    same_device(op, "u", u, (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                             ("delta_bias", delta_bias)))
     for name, t in (("delta", delta), ("z", z)):
         if t is None:
             continue
         if t.shape != u.shape:
             raise ValueError(f"{op}: {name} must have shape (batch, dim, seqlen) like u = {tuple(u.shape)}, got {tuple(t.shape)}")
-        if t.dtype != u.dtype:
-            raise TypeError(f"{op}: {name} must have the same dtype as u ({u.dtype}), got {t.dtype}")
+        same_dtype(op, "u", u, ((name, t),))
     if A.is_complex():
         raise TypeError(f"{op}: complex A is not supported (only real A, B, C)")
     if A.dim() != 2 or A.shape[0] != dim or not 1 <= A.shape[1] <= _MAX_DSTATE:

@@ -249,7 +249,7 @@ def with_change(change):
     ("dt_limit reversed", ValueError, r"dt_limit must be \(low, high\) with low <= high"),
     ("chunk_size 0", ValueError, "chunk_size must be a positive int"),
     ("seq_idx", NotImplementedError, r"packed sequences \(seq_idx"),
-    ("x on meta", ValueError, "must be on x's device"),
+    ("x on meta", ValueError, r"must be on the same device as x \(meta\)"),
 ])
 def test_bad_input_is_a_clear_error(change, error, message):
     inputs, kwargs = with_change(change)

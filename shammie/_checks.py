@@ -1,0 +1,25 @@
+"""The Python side of csrc/common/checks.h, for fake kernels and composite functions: the same
+conditions and the same words, so a compiled graph fails as the eager call does."""
+
+from __future__ import annotations
+
+
+def same_dtype(op: str, ref_name: str, ref, named) -> None:
+    """Each (name, tensor) of `named` that is not None has ref's dtype."""
+    for name, t in named:
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def same_device(op: str, ref_name: str, ref, named) -> None:
+    """Each (name, tensor) of `named` that is not None is on ref's device."""
+    for name, t in named:
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+def same_dtype_and_device(op: str, ref_name: str, ref, named) -> None:
+    """Both, tensor by tensor (a tensor wrong in both is reported for its dtype)."""
+    for pair in named:
+        same_dtype(op, ref_name, ref, (pair,))
+        same_device(op, ref_name, ref, (pair,))
