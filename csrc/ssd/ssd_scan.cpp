@@ -8,6 +8,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "ssd/ssd_scan_registration.h"
 
 namespace shammie {
 
@@ -176,22 +177,6 @@ TORCH_LIBRARY_FRAGMENT(shammie, m) {
       "-> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(shammie, CPU, m) {
-  m.impl("ssd_scan", [](const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-                        const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                        const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
-                        bool dt_softplus) {
-    return ssd::ssd_scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, forward_cpu);
-  });
-  m.impl("ssd_scan_backward",
-         [](const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final, const at::Tensor& x,
-            const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-            const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
-            const at::Tensor& checkpoints, bool dt_softplus) {
-           return ssd::ssd_scan_backward(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states,
-                                         checkpoints, dt_softplus, backward_cpu);
-         });
-}
+TORCH_LIBRARY_IMPL(shammie, CPU, m) { ssd::register_kernels<forward_cpu, backward_cpu>(m); }
 
 }  // namespace shammie

@@ -1,7 +1,7 @@
 // ssd_scan CUDA kernels for float inputs (and float64), and the CUDA registration of ssd_scan and
 // ssd_scan_backward (Mamba-2's SSD scan, math in ssd_scan.h).
 #include "ssd/ssd_scan_cuda.cuh"
-#include <torch/library.h>
+#include "ssd/ssd_scan_registration.h"
 
 namespace shammie::ssd::cuda {
 
@@ -39,21 +39,4 @@ void backward_cuda(const SsdBackwardArgs& a) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
-  m.impl("ssd_scan",
-         [](const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-            const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
-            bool dt_softplus) {
-           return ssd_scan_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, forward_cuda);
-         });
-  m.impl("ssd_scan_backward",
-         [](const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final, const at::Tensor& x,
-            const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-            const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
-            const at::Tensor& checkpoints, bool dt_softplus) {
-           return ssd_scan_backward(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints,
-                                    dt_softplus, backward_cuda);
-         });
-}
+TORCH_LIBRARY_IMPL(shammie, CUDA, m) { register_kernels<forward_cuda, backward_cuda>(m); }
