@@ -71,10 +71,12 @@ SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
                 "(batch, nheads, headdim, dstate)");
     initial = initial_states->to(acc).contiguous();
   }
-  // D per row: a per-head D is the same for the head's headdim rows.
-  at::Tensor D_rows = D ? parameter(D, "D", x, D->dim() == 1 ? heads : heads * headdim, acc) : at::Tensor();
-  D_rows = D_rows.defined() ? D_rows.reshape({heads, -1}).expand({heads, headdim}).reshape({heads * headdim}).contiguous()
-                            : at::zeros({heads * headdim}, x.options().dtype(acc));
+  // D per row: a per-head D (or the zeros of an absent one) repeats over the head's headdim rows.
+  const at::Tensor D_rows = parameter(D, "D", x, D && D->dim() == 2 ? heads * headdim : heads, acc)
+                                .reshape({heads, -1})
+                                .expand({heads, headdim})
+                                .reshape({heads * headdim})
+                                .contiguous();
   return SsdArgs{batch, seqlen, heads, headdim, groups, dstate, softplus,
                  x.contiguous(), dt.contiguous(), z ? std::optional<at::Tensor>(z->contiguous()) : std::nullopt,
                  A.to(acc).contiguous(), B.to(acc).contiguous(), C.to(acc).contiguous(), D_rows,
@@ -94,13 +96,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
     const std::optional<at::Tensor>& initial_states, bool dt_softplus, SsdForwardKernel kernel) {
   SsdArgs in = make_args(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus);
-  in.checkpoints = at::zeros(checkpoint_shape(in), in.A.options());
-  at::Tensor final_state = in.initial_states ? in.initial_states->clone() : at::zeros(state_shape(in), in.A.options());
-  SsdForwardArgs args{in, at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)), final_state};
+  const auto acc = in.A.options();
+  in.checkpoints = at::empty(checkpoint_shape(in), acc);
+  SsdForwardArgs args{in, at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)),
+                      at::empty(state_shape(in), acc)};
   if (in.batch * in.seqlen * in.heads * in.headdim > 0) {
-    kernel(args);
-  } else if (in.initial_states && in.seqlen == 0) {
-    args.in.checkpoints.select(2, 0).copy_(*in.initial_states);
+    kernel(args);   // writes every checkpoint and the final state
+  } else {          // nothing to scan: the start state (or zero) passes through
+    const at::Tensor start = in.initial_states ? *in.initial_states : at::zeros(state_shape(in), acc);
+    args.final_state.copy_(start);
+    in.checkpoints.zero_();
+    if (in.seqlen == 0) in.checkpoints.select(2, 0).copy_(start);
   }
   return {args.out, in.checkpoints, args.final_state};
 }
