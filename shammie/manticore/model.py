@@ -262,9 +262,11 @@ class Manticore(torch.nn.Module):
                 raise ValueError(f"Manticore: {name} must be on the hybrid's device ({device}), got {t.device}")
         # An id out of range would index the embeddings out of bounds: an IndexError on CPU, a device-side
         # assert that kills the process on CUDA. One min/max (a sync on CUDA) turns that into an error.
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.vocab_size:
-            raise ValueError(f"Manticore: input_ids must lie in [0, {self.vocab_size}), got values from "
-                             f"{int(input_ids.min())} to {int(input_ids.max())}")
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if not 0 <= low <= high < self.vocab_size:
+                raise ValueError(f"Manticore: input_ids must lie in [0, {self.vocab_size}), got values from "
+                                 f"{low} to {high}")
         alpha = self.mixture_weights()
         with self._kernels():
             logits = self._run(input_ids, alpha)
