@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from shammie._checks import same_device, same_dtype
+from shammie.causal_conv1d import causal_conv1d_fn
 
 _OP = "mamba_chunk_scan_combined"
 _MAX_DSTATE = 256
@@ -175,8 +176,6 @@ def mamba_split_conv1d_scan_combined(zxbcdt: torch.Tensor, conv1d_weight: torch.
                          f"got {tuple(conv1d_weight.shape)}")
     if rmsnorm_weight is not None and tuple(rmsnorm_weight.shape) != (dim,):
         raise ValueError(f"{op}: rmsnorm_weight must have shape ({dim},), got {tuple(rmsnorm_weight.shape)}")
-    from shammie.causal_conv1d import causal_conv1d_fn
-
     z, xBC, dt = zxbcdt.split([dim, conv_dim, heads], dim=-1)
     xBC = causal_conv1d_fn(xBC.transpose(1, 2), weight.to(zxbcdt.dtype),
                            None if conv1d_bias is None else conv1d_bias.to(zxbcdt.dtype),
