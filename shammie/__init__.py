@@ -22,6 +22,7 @@ def build_info() -> dict:
     info = dict(_C.build_info)
     info["running_torch_version"] = torch.__version__
     info["cpu_kernels"] = _C.cpu_isa()
+    info["cpu_bf16_dot"] = _C.cpu_bf16_dot()
     info["cuda_available"] = torch.cuda.is_available()
     return info
 

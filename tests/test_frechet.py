@@ -107,6 +107,35 @@ def test_ties_go_to_the_lowest_index(device, dtype):
     assert (indices.cpu() == torch.arange(3)).all()
 
 
+@pytest.mark.parametrize("isa", ["base", "avx512"])
+@pytest.mark.parametrize("kind", ["all", "ids"])
+@pytest.mark.parametrize("K", [1, 2, 999, 1000])
+def test_bf16_on_every_cpu_path(isa, kind, K, monkeypatch):
+    # bf16 runs on AVX512-BF16 dot products where the processor has them (csrc/frechet/bf16_dot_gemm.h),
+    # else through fp32 MKL; SHAMMIE_CPU_ISA=base forces the latter. Row counts and label counts leave
+    # tails of both micro-tiles (6 rows, 64 columns) and of the 16-column padding.
+    monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)
+    probs, sq = make(1031, K, 600, torch.bfloat16, "cpu", seed=K)
+    cand = torch.arange(3, 600, 2) if kind == "ids" else None
+    for k in (1, 3):
+        values, indices = shammie.frechet_topk(probs, sq, k=k, candidates=cand)
+        check(values, indices, probs, sq, k=k, candidates=cand)
+
+
+def test_bf16_odd_k_never_reads_past_a_row():
+    # With odd K the last pair of a row is x[K-1] and a zero; the next row's first element (here inf,
+    # which times that zero would be NaN) must not leak into it.
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(14, 7, generator=g), torch.randn(7, 100, generator=g)
+    x[1::2, 0] = float("inf")
+    x, w = x.bfloat16(), w.bfloat16()
+    values, indices = shammie.gemm_bias_topk(x[0::2].contiguous(), w, None, k=2)
+    check(values, indices, x[0::2], w, k=2)
+    values, indices = shammie.gemm_bias_topk(x, w, None, k=2)
+    assert torch.isfinite(values[0::2].float()).all()
+    check(values[0::2], indices[0::2], x[0::2], w, k=2)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_duplicate_candidate_ids_count_once(device):
     probs, sq = make(3, 4, 20, torch.float32, device)

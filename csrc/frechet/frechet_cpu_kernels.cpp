@@ -7,9 +7,11 @@
 // converted to the accumulation type), and for each of its row tiles computes the (kTileB × kTileN)
 // scores with one GEMM (MKL / oneDNN through at::mm_out, single-threaded inside the parallel
 // region) into a per-thread buffer that stays in cache, then folds them into the rows' running
-// top-k. Each group's top-k lists are merged at the end; since (key, label) is a total order the
-// result does not depend on the number of threads. Extra memory: a score tile and a slab per
-// thread, and the (groups × B × k) partial lists.
+// top-k. bf16 on a processor with AVX512-BF16 instead packs the slab for bf16_dot_gemm.h, which
+// computes the same fp32 sums about twice as fast as converting to fp32 for MKL. Each group's top-k
+// lists are merged at the end; since (key, label) is a total order the result does not depend on the
+// number of threads. Extra memory: a score tile and a slab per thread, and the (groups × B × k)
+// partial lists.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "frechet/bf16_dot_gemm.h"
 #include "frechet/frechet.h"
 
 SHAMMIE_CPU_TARGET_BEGIN
@@ -31,6 +34,7 @@ using namespace frechet;
 
 constexpr int64_t kTileB = 1024;
 constexpr int64_t kTileN = 256;
+static_assert(kTileN % 16 == 0, "bf16_dot writes score rows padded to 16 columns");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -87,7 +91,9 @@ inline void fold_row(acc_t* row, int64_t n, int64_t c0, const int64_t* ids, cons
 template <typename scalar_t>
 void topk_typed(const Args& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  // bf16 through the AVX512-BF16 tile GEMM: x stays bf16 and the slab is packed, not converted.
+  const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && bf16_dot::available();
+  const bool convert = !std::is_same_v<scalar_t, acc_t> && !bf16_dot;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = a.batch, K = a.inner, C = a.count, k = a.k;
   const Split s = split_work(B, C);
@@ -95,7 +101,7 @@ void topk_typed(const Args& a) {
   const scalar_t* bias = a.bias ? a.bias->const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* w = a.w.const_data_ptr<scalar_t>();
   const at::Tensor x = convert ? a.x.to(acc_type) : a.x;   // (B, K): small next to the (K, N) slabs
-  const bool stage = convert || ids;
+  const bool stage = !bf16_dot && (convert || ids);
 
   // Partial top-k lists, (groups, B, k).
   std::vector<acc_t> keys(static_cast<size_t>(s.groups * B * k), std::numeric_limits<acc_t>::infinity());
@@ -105,6 +111,8 @@ void topk_typed(const Args& a) {
     const auto opts = at::TensorOptions().dtype(acc_type);
     at::Tensor scores = at::empty({kTileB * kTileN}, opts);
     at::Tensor slab = stage ? at::empty({K * kTileN}, opts) : at::Tensor();
+    at::Tensor packed = bf16_dot ? at::empty({bf16_dot::packed_words(K, kTileN)}, opts.dtype(at::kInt))
+                                 : at::Tensor();
     acc_t* sc = scores.mutable_data_ptr<acc_t>();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item % s.groups, chunk = item / s.groups;
@@ -113,7 +121,12 @@ void topk_typed(const Args& a) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = t * kTileN, n = std::min(kTileN, C - c0);
         at::Tensor wt;
-        if (stage) {
+        int64_t ld = n;  // row stride of the score tile
+        if (bf16_dot) {
+          bf16_dot::pack(reinterpret_cast<const c10::BFloat16*>(w), a.labels, ids, c0, K, n,
+                         reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>()));
+          ld = bf16_dot::padded_columns(n);
+        } else if (stage) {
           acc_t* dst = slab.mutable_data_ptr<acc_t>();
           for (int64_t j = 0; j < K; ++j) {
             const scalar_t* src = w + j * a.labels;
@@ -131,11 +144,17 @@ void topk_typed(const Args& a) {
         }
         for (int64_t b0 = r0; b0 < r1; b0 += kTileB) {
           const int64_t rows = std::min(kTileB, r1 - b0);
-          at::Tensor out = scores.narrow(0, 0, rows * n).view({rows, n});
-          at::mm_out(out, x.narrow(0, b0, rows), wt);
+          if (bf16_dot) {
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+              bf16_dot::gemm(x.const_data_ptr<scalar_t>() + b0 * K, rows, K,
+                             reinterpret_cast<const uint32_t*>(packed.const_data_ptr<int32_t>()), n, sc);
+          } else {
+            at::Tensor out = scores.narrow(0, 0, rows * n).view({rows, n});
+            at::mm_out(out, x.narrow(0, b0, rows), wt);
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const size_t at_row = static_cast<size_t>((g * B + b0 + r) * k);
-            fold_row(sc + r * n, n, c0, ids, bias, a.largest, k, keys.data() + at_row, labels.data() + at_row);
+            fold_row(sc + r * ld, n, c0, ids, bias, a.largest, k, keys.data() + at_row, labels.data() + at_row);
           }
         }
       }
