@@ -178,10 +178,12 @@ def test_torch_compile_fullgraph(device):
     assert torch.equal(got[1], want[1])
 
 
-def test_op_bad_plans():
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_bad_plans(device):
+    # The kernels index by the plan unchecked, so a bad plan must raise on every device.
     _, observed, plan = _plan()
-    args = [plan[n] for n in ORDER]
-    probs = torch.rand(3, observed.shape[0])
+    args = [plan[n].to(device) for n in ORDER]
+    probs = torch.rand(3, observed.shape[0], device=device)
     op = shammie.tree_frechet_topk
     with pytest.raises(ValueError, match="observed classes"):
         op(probs[:, 1:], *args, 1)

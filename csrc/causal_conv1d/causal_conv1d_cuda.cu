@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block (d, w): grad weight[d, w] = Σ_{b,t} gp[b, d, t] · x[b, d, t − lag(w)]; block (d, width) is
+// Block d·(width + 1) + w: grad weight[d, w] = Σ_{b,t} gp[b, d, t] · x[b, d, t − lag(w)]; block (d, width) is
 // grad bias[d] = Σ_{b,t} gp[b, d, t].
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
                        scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias, int64_t batch,
                        int64_t dim, int64_t length, int64_t width) {
   __shared__ acc_t partial[kThreads];
-  const int64_t d = blockIdx.x, w = blockIdx.y;
+  const int64_t d = blockIdx.x / (width + 1), w = blockIdx.x % (width + 1);
   const bool is_bias = w == width;
   const int64_t lag_w = is_bias ? 0 : lag(w, width);
   acc_t acc = 0;
@@ -173,8 +173,10 @@ void backward_cuda(const BackwardArgs& args) {
         gp.const_data_ptr<acc_t>(), a.weight.const_data_ptr<scalar_t>(), args.grad_x.mutable_data_ptr<scalar_t>(),
         a.batch, a.dim, a.length, a.width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const dim3 grid(static_cast<unsigned>(a.dim), static_cast<unsigned>(a.width + 1));
-    grad_weight_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+    // One block per weight and bias entry, on grid.x (grid.y would cap the width at 65,534).
+    const int64_t entries = a.dim * (a.width + 1);
+    TORCH_CHECK(entries <= INT32_MAX, "causal_conv1d_fn: dim · (width + 1) = ", entries, " is too large for one CUDA launch");
+    grad_weight_kernel<scalar_t, acc_t><<<entries, kThreads, 0, stream>>>(
         gp.const_data_ptr<acc_t>(), a.x.const_data_ptr<scalar_t>(), strides_of(a.x),
         args.grad_weight.mutable_data_ptr<scalar_t>(), args.grad_bias.mutable_data_ptr<scalar_t>(), a.batch, a.dim,
         a.length, a.width);

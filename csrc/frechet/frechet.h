@@ -41,6 +41,16 @@ SHAMMIE_HD void insert(T* keys, int64_t* labels, int64_t k, T key, int64_t label
   labels[i] = label;
 }
 
+// Merges another sorted top-k list (empty slots last) into keys/labels. The other list is sorted, so
+// the first entry that does not beat the current k-th ends the merge.
+template <typename T>
+SHAMMIE_HD void merge_sorted(T* keys, int64_t* labels, int64_t k, const T* other_keys, const int64_t* other_labels) {
+  for (int64_t i = 0; i < k && other_labels[i] != kNoLabel; ++i) {
+    if (!better(other_keys[i], other_labels[i], keys[k - 1], labels[k - 1])) break;
+    insert(keys, labels, k, other_keys[i], other_labels[i]);
+  }
+}
+
 struct Args {
   int64_t batch, inner, labels, count, k;  // B, K, N, number of candidates, k
   bool largest;

@@ -171,8 +171,7 @@ void topk_typed(const Args& a) {
       std::copy_n(labels.data() + b * k, k, lab.data());
       for (int64_t g = 1; g < s.groups; ++g) {
         const size_t at_row = static_cast<size_t>((g * B + b) * k);
-        for (int64_t i = 0; i < k && labels[at_row + i] != kNoLabel; ++i)
-          insert(best.data(), lab.data(), k, keys[at_row + i], labels[at_row + i]);
+        merge_sorted(best.data(), lab.data(), k, keys.data() + at_row, labels.data() + at_row);
       }
       for (int64_t i = 0; i < k; ++i) {
         const bool empty = lab[i] == kNoLabel;

@@ -225,7 +225,7 @@ __global__ void merge_kernel(int64_t batch, int64_t k, int64_t groups, bool larg
   int64_t* lab = labels + b * k;
   for (int64_t g = 1; g < groups; ++g) {
     const int64_t at = (g * batch + b) * k;
-    for (int64_t i = 0; i < k && labels[at + i] != kNoLabel; ++i) insert(best, lab, k, keys[at + i], labels[at + i]);
+    merge_sorted(best, lab, k, keys + at, labels + at);
   }
   for (int64_t i = 0; i < k; ++i) {
     const bool empty = lab[i] == kNoLabel;

@@ -23,22 +23,23 @@ void check_index(Arg a, int64_t rank, const char* layout) {
                    a.tensor.scalar_type());
 }
 
-// The plan's structure, checked where its data can be read without a device sync (CPU tensors); on
-// CUDA the plan comes from shammie.loki.TreeMetric, which builds it from a validated tree.
+// The plan's structure, which the kernels index by without further checks. A CUDA plan is copied to
+// the host for this (a few KB and one sync per call; the search itself is much longer): a bad plan
+// must raise here, not read out of bounds on the device.
 void check_plan_values(const Args& a) {
-  if (!a.parent.device().is_cpu()) return;
-  const int64_t* parent = a.parent.const_data_ptr<int64_t>();
+  const at::Tensor parent_host = a.parent.cpu(), obs_host = a.obs_pos.cpu(), labels_host = a.cand_label.cpu();
+  const int64_t* parent = parent_host.const_data_ptr<int64_t>();
   TORCH_CHECK_VALUE(parent[0] == -1, kOp, ": parent[0] must be -1 (position 0 is the root), got ", parent[0]);
   for (int64_t i = 1; i < a.nodes; ++i) {
     TORCH_CHECK_VALUE(parent[i] >= 0 && parent[i] < i, kOp, ": parent must list nodes in preorder (0 <= parent[i] < i), got parent[",
                       i, "] = ", parent[i]);
   }
-  const int64_t* obs = a.obs_pos.const_data_ptr<int64_t>();
+  const int64_t* obs = obs_host.const_data_ptr<int64_t>();
   for (int64_t j = 0; j < a.num_obs; ++j) {
     TORCH_CHECK_VALUE(obs[j] >= 0 && obs[j] < a.nodes, kOp, ": obs_pos[", j, "] = ", obs[j],
                       " is out of range for ", a.nodes, " nodes");
   }
-  const int64_t* labels = a.cand_label.const_data_ptr<int64_t>();
+  const int64_t* labels = labels_host.const_data_ptr<int64_t>();
   int64_t listed = 0;
   for (int64_t i = 0; i < a.nodes * a.per_node; ++i) {
     TORCH_CHECK_VALUE(labels[i] >= -1, kOp, ": cand_label must be a label id or -1, got ", labels[i]);

@@ -59,30 +59,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Weight gradients as a reduction over tokens: for each output column `col`, kChunk values of a
-// (grid.y) and one token split (grid.z), partial[split] gets Σ_{t in split} coef(t, col, a) ·
-// value(t, col). Threads run along columns, so the loads of x or grad y are coalesced.
+// Weight gradients as a reduction over tokens: for each output column `col`, chunks of kChunk values
+// of a (grid.y, striding when there are more than 65,535 chunks) and one token split (grid.z),
+// partial[split] gets Σ_{t in split} coef(t, col, a) · value(t, col). Threads run along columns, so
+// the loads of x or grad y are coalesced.
 template <typename acc_t, typename Terms>
 __global__ void __launch_bounds__(kThreads)
     weight_grad_kernel(Terms terms, int64_t columns, int64_t outs, int64_t tokens, int64_t split_tokens) {
   const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= columns) return;
-  const int64_t a0 = int64_t(blockIdx.y) * kChunk;
-  const int n_a = int(std::min<int64_t>(kChunk, outs - a0));
   const int64_t t_begin = int64_t(blockIdx.z) * split_tokens;
   const int64_t t_end = std::min(tokens, t_begin + split_tokens);
-  acc_t acc[kChunk];
+  for (int64_t a0 = int64_t(blockIdx.y) * kChunk; a0 < outs; a0 += int64_t(gridDim.y) * kChunk) {
+    const int n_a = int(std::min<int64_t>(kChunk, outs - a0));
+    acc_t acc[kChunk];
 #pragma unroll
-  for (int a = 0; a < kChunk; ++a) acc[a] = acc_t(0);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const acc_t v = terms.value(t, col);
+    for (int a = 0; a < kChunk; ++a) acc[a] = acc_t(0);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const acc_t v = terms.value(t, col);
+#pragma unroll
+      for (int a = 0; a < kChunk; ++a)
+        if (a < n_a) acc[a] += terms.coef(t, col, a0 + a) * v;
+    }
 #pragma unroll
     for (int a = 0; a < kChunk; ++a)
-      if (a < n_a) acc[a] += terms.coef(t, col, a0 + a) * v;
+      if (a < n_a) terms.store(blockIdx.z, col, a0 + a, acc[a]);
   }
-#pragma unroll
-  for (int a = 0; a < kChunk; ++a)
-    if (a < n_a) terms.store(blockIdx.z, col, a0 + a, acc[a]);
 }
 
 // grad W1[i, a, j] = Σ_t grad u[t, i·q + a] · x[t, i·p + j]; columns are i·p + j.
@@ -126,7 +128,8 @@ template <typename acc_t, typename Terms>
 void launch_weight_grad(const Terms& terms, const at::Tensor& partial, int64_t columns,
                         int64_t outs, int64_t tokens, int64_t split_tokens, const at::Tensor& grad,
                         cudaStream_t stream) {
-  const dim3 grid((columns + kThreads - 1) / kThreads, (outs + kChunk - 1) / kChunk, partial.size(0));
+  const int64_t chunks = std::min<int64_t>((outs + kChunk - 1) / kChunk, 65535);  // grid.y limit
+  const dim3 grid((columns + kThreads - 1) / kThreads, chunks, partial.size(0));
   weight_grad_kernel<acc_t><<<grid, kThreads, 0, stream>>>(terms, columns, outs, tokens, split_tokens);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   grad.copy_(at::sum(partial, 0));
@@ -144,7 +147,7 @@ void backward_cuda(const BackwardArgs& args) {
     const auto acc_options = args.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const int64_t per_token = 2 * d.mid() * int64_t(sizeof(acc_t));
     const int64_t tile = tile_tokens(d.tokens, sms, per_token);
-    const int64_t blocks = (d.tokens + tile - 1) / tile;
+    const int64_t blocks = token_blocks(d.tokens, tile);
     const bool on_chip = tile * per_token <= kSharedBytes;
     at::Tensor u = at::empty({d.tokens, d.mid()}, acc_options);
     at::Tensor gu = at::empty({d.tokens, d.mid()}, acc_options);

@@ -52,7 +52,7 @@ void forward_cuda(const ForwardArgs& args) {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t per_token = d.mid() * int64_t(sizeof(acc_t));
     const int64_t tile = tile_tokens(d.tokens, sms, per_token);
-    const int64_t blocks = (d.tokens + tile - 1) / tile;
+    const int64_t blocks = token_blocks(d.tokens, tile);
     const bool on_chip = tile * per_token <= kSharedBytes;
     at::Tensor scratch;
     if (!on_chip)
