@@ -26,6 +26,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         w = torch.randn(dim, width, device="cuda", dtype=dtype, requires_grad=True)
         b = torch.randn(dim, device="cuda", dtype=dtype, requires_grad=True)
         shammie.causal_conv1d_fn(x, w, b, activation="silu").sum().backward()
+        # packed sequences: a run per step, then one run
+        seq_idx = torch.arange(seqlen, device="cuda", dtype=torch.int32).clamp(max=seqlen // 2).expand(batch, seqlen)
+        shammie.causal_conv1d_fn(x, w, b, seq_idx=seq_idx, activation="silu").sum().backward()
         state = torch.randn(batch, dim, width + 1, device="cuda", dtype=dtype)
         shammie.causal_conv1d_update(x[:, :, :2].detach(), state, w.detach(), None, None)
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -58,7 +61,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         out, final = shammie.mamba_chunk_scan_combined(
             act(batch, L, H, P), act(batch, L, H), (-torch.rand(H, device="cuda")).requires_grad_(),
             act(batch, L, G, N), act(batch, L, G, N), 64, D=f32(H, P), z=act(batch, L, H, P), dt_bias=f32(H),
-            initial_states=f32(batch, H, P, N), dt_softplus=True, return_final_states=True)
+            initial_states=f32(batch, H, P, N), dt_softplus=True, return_final_states=True,
+            seq_idx=(torch.arange(L, device="cuda") >= L // 3).int().expand(batch, L))   # two packed sequences
         (out.float().sum() + final.sum()).backward()
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     # (B, K, N, k): partial row and label tiles, K not a multiple of the K step, many label groups, k > 1

@@ -23,3 +23,14 @@ def same_dtype_and_device(op: str, ref_name: str, ref, named) -> None:
     for pair in named:
         same_dtype(op, ref_name, ref, (pair,))
         same_device(op, ref_name, ref, (pair,))
+
+
+def seq_idx(op: str, ids, ref_name: str, ref, batch: int, seqlen: int) -> None:
+    """seq_idx of packed sequences, if given: (batch, seqlen) int32 or int64 on ref's device."""
+    if ids is None:
+        return
+    same_device(op, ref_name, ref, (("seq_idx", ids),))
+    if str(ids.dtype) not in ("torch.int32", "torch.int64"):
+        raise TypeError(f"{op}: seq_idx must be int32 or int64, got {ids.dtype}")
+    if tuple(ids.shape) != (batch, seqlen):
+        raise ValueError(f"{op}: seq_idx must have shape (batch, seqlen) = ({batch}, {seqlen}), got {tuple(ids.shape)}")

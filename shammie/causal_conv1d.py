@@ -1,7 +1,8 @@
 """Causal depthwise conv1d, causal-conv1d's contract: the public functions, fakes and autograd.
 
 out[b, d, t] = act(bias[d] + Σ_w weight[d, w] · x[b, d, t − (W − 1) + w]), x (batch, dim, seqlen),
-weight (dim, W), act = SiLU or identity. `causal_conv1d_update` is the decode step: the same window
+weight (dim, W), act = SiLU or identity; with packed sequences (seq_idx) a tap reads only inputs of
+the output's own sequence. `causal_conv1d_update` is the decode step: the same window
 over [conv_state, x], with x shifted into conv_state in place. Kernels: csrc/causal_conv1d/.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from shammie._checks import same_dtype_and_device
+from shammie._checks import seq_idx as check_seq_idx
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -31,15 +33,17 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     x may be channel-last or sliced. `initial_states` (batch, dim, width − 1) are the inputs before
     x[..., 0] (zeros when absent); `return_final_states` also returns the last width − 1 inputs, which
     start the next chunk (written into `final_states_out` when given). Differentiable in x, weight,
-    bias and initial_states. Packed sequences (`seq_idx`) are not supported.
+    bias and initial_states.
+
+    Packed sequences: `seq_idx` (batch, seqlen), int32 or int64, gives each step's sequence id; a tap
+    reads x only at steps with the output's id, so every sequence starts from zeros. Ids need only
+    differ between neighbouring sequences. `initial_states` then belong to the first sequence.
     """
     if isinstance(seq_idx, str):
         raise TypeError("causal_conv1d_fn: seq_idx must be a tensor or None, got a string; pass activation= by "
                         "keyword (causal-conv1d's order is x, weight, bias, seq_idx, initial_states, ...)")
-    if seq_idx is not None:
-        raise NotImplementedError("causal_conv1d_fn: packed sequences (seq_idx=...) are not supported")
     if initial_states is None and not return_final_states:
-        return torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation))
+        return torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation), seq_idx)
     _check("causal_conv1d_fn", x, weight, bias)
     batch, dim, _ = x.shape
     history = weight.shape[1] - 1
@@ -51,12 +55,16 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             raise TypeError(f"causal_conv1d_fn: initial_states must have x's dtype and device ({x.dtype}, "
                             f"{x.device}), got ({initial_states.dtype}, {initial_states.device})")
         # The conv of [initial_states, x] without its first width − 1 outputs: exact, and autograd
-        # reaches initial_states through the concatenation.
+        # reaches initial_states through the concatenation (which is part of the first sequence).
         extended = torch.cat([initial_states, x], dim=-1)
-        out = torch.ops.shammie.causal_conv1d(extended, weight, bias, _silu(activation))[..., history:]
+        seq_ext = None
+        if seq_idx is not None:
+            check_seq_idx("causal_conv1d_fn", seq_idx, "x", x, batch, x.shape[2])
+            seq_ext = torch.cat([seq_idx[:, :1].expand(batch, history), seq_idx], dim=1)
+        out = torch.ops.shammie.causal_conv1d(extended, weight, bias, _silu(activation), seq_ext)[..., history:]
     else:
         extended = x
-        out = torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation))
+        out = torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation), seq_idx)
     if not return_final_states:
         return out
     if extended.shape[-1] < history:   # a short first chunk: zeros before it, as the kernel assumes
@@ -94,14 +102,16 @@ def _check(op: str, x, weight, bias, batch_dims: int = 3) -> None:
 
 
 @torch.library.register_fake("shammie::causal_conv1d")
-def _(x, weight, bias, silu):
+def _(x, weight, bias, silu, seq_idx=None):
     _check("causal_conv1d", x, weight, bias)
+    check_seq_idx("causal_conv1d", seq_idx, "x", x, x.shape[0], x.shape[2])
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("shammie::causal_conv1d_backward")
-def _(grad_out, x, weight, bias, silu):
+def _(grad_out, x, weight, bias, silu, seq_idx=None):
     _check("causal_conv1d_backward", x, weight, bias)
+    check_seq_idx("causal_conv1d_backward", seq_idx, "x", x, x.shape[0], x.shape[2])
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
             weight.new_empty((weight.shape[0],)))
 
@@ -114,16 +124,16 @@ def _(x, conv_state, weight, bias, silu):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, silu = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, silu, seq_idx = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx)
     ctx.silu = silu
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
-    gx, gw, gb = torch.ops.shammie.causal_conv1d_backward(grad_out, x, weight, bias, ctx.silu)
-    return gx, gw, gb if ctx.has_bias else None, None
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    gx, gw, gb = torch.ops.shammie.causal_conv1d_backward(grad_out, x, weight, bias, ctx.silu, seq_idx)
+    return gx, gw, gb if ctx.has_bias else None, None, None
 
 
 torch.library.register_autograd("shammie::causal_conv1d", _backward, setup_context=_setup_context)

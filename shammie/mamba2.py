@@ -9,6 +9,9 @@ that scalar decay, start from the initial state when one is given, and return th
 
 mamba_ssm computes the same scan chunk by chunk with matmuls (SSD); `chunk_size` only shapes that
 algorithm, so it is accepted and checked but does not change the result here.
+
+Packed sequences (`seq_idx`) are a decay of zero at each step whose id differs from the previous
+step's, inside the kernels: no state, and no gradient, crosses from one sequence into the next.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from shammie._checks import same_device, same_dtype
+from shammie._checks import seq_idx as check_seq_idx
 from shammie.causal_conv1d import causal_conv1d_fn
 
 _OP = "mamba_chunk_scan_combined"
@@ -92,15 +96,19 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     x, dt, B, C, z may be float32, float16, bfloat16 or float64 (computed in the widest of them; state
     and math in float32, float64 for float64). Returns out (batch, seqlen, nheads, headdim) in x's dtype,
     and with `return_final_states` also the final state (batch, nheads, headdim, dstate) in float32
-    (float64). Differentiable in every tensor argument. Packed sequences (`seq_idx`, `cu_seqlens`,
-    `return_varlen_states`) are not supported.
+    (float64). Differentiable in every tensor argument.
+
+    Packed sequences: `seq_idx` (batch, seqlen), int32 or int64, non-decreasing along each row as in
+    mamba_ssm; a step whose id differs from the previous step's starts from a zero state.
+    `initial_states` then start the first sequence, and the final state is the last sequence's.
+    `cu_seqlens` only serves `return_varlen_states` (each sequence's final state), which is not
+    supported: it raises NotImplementedError.
     """
-    for name, value in (("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens)):
-        if value is not None:
-            raise NotImplementedError(f"{_OP}: packed sequences ({name}=...) are not supported")
-    if return_varlen_states:
-        raise NotImplementedError(f"{_OP}: return_varlen_states (packed sequences) is not supported")
+    if return_varlen_states or cu_seqlens is not None:
+        raise NotImplementedError(f"{_OP}: return_varlen_states / cu_seqlens (each packed sequence's final "
+                                  "state) are not supported; seq_idx alone is")
     _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit)
+    check_seq_idx(_OP, seq_idx, "x", x, x.shape[0], x.shape[1])
     dtype = x.dtype
     for t in (dt, B, C, z):
         if t is not None:
@@ -112,7 +120,7 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
         dt, dt_bias, dt_softplus = _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), None, False
     cast = lambda t: None if t is None else t.to(dtype)
     out, _, final_state = torch.ops.shammie.ssd_scan(cast(x), cast(dt), A, cast(B), cast(C), D, cast(z), dt_bias,
-                                                     initial_states, dt_softplus)
+                                                     initial_states, dt_softplus, seq_idx)
     out = out.to(x.dtype)
     return (out, final_state) if return_final_states else out
 
@@ -178,7 +186,7 @@ def mamba_split_conv1d_scan_combined(zxbcdt: torch.Tensor, conv1d_weight: torch.
         raise ValueError(f"{op}: rmsnorm_weight must have shape ({dim},), got {tuple(rmsnorm_weight.shape)}")
     z, xBC, dt = zxbcdt.split([dim, conv_dim, heads], dim=-1)
     xBC = causal_conv1d_fn(xBC.transpose(1, 2), weight.to(zxbcdt.dtype),
-                           None if conv1d_bias is None else conv1d_bias.to(zxbcdt.dtype),
+                           None if conv1d_bias is None else conv1d_bias.to(zxbcdt.dtype), seq_idx=seq_idx,
                            activation=activation).transpose(1, 2)
     x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
     z = z.unflatten(-1, (heads, headdim))
@@ -202,10 +210,11 @@ def _accumulation_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states):
+def _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
     """The checks of csrc/ssd/ssd_scan.cpp, for fake tensors: the layout checks plus one activation dtype."""
     _check(x, dt, A, B, C, None, D, z, dt_bias, initial_states, _NO_LIMIT)
     same_dtype("ssd_scan", "x", x, (("dt", dt), ("z", z)))
+    check_seq_idx("ssd_scan", seq_idx, "x", x, x.shape[0], x.shape[1])
     batch, seqlen, heads, headdim = x.shape
     return batch, seqlen, heads, headdim, B.shape[3]
 
@@ -215,8 +224,8 @@ def _num_checkpoints(seqlen):
 
 
 @torch.library.register_fake("shammie::ssd_scan")
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus):
-    batch, seqlen, heads, headdim, dstate = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states)
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx=None):
+    batch, seqlen, heads, headdim, dstate = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     acc = _accumulation_dtype(x)
     checkpoints = x.new_empty((batch, heads, _num_checkpoints(seqlen), headdim, dstate), dtype=acc)
     final_state = x.new_empty((batch, heads, headdim, dstate), dtype=acc)
@@ -224,8 +233,8 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus):
 
 
 @torch.library.register_fake("shammie::ssd_scan_backward")
-def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, dt_softplus):
-    _, _, heads, headdim, _ = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states)
+def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, dt_softplus, seq_idx=None):
+    _, _, heads, headdim, _ = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     acc = _accumulation_dtype(x)
     like = lambda t, dtype=None: torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
     nothing = x.new_empty((0,))
@@ -236,20 +245,20 @@ def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, check
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[1])
+    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[1], seq_idx)
     ctx.dt_softplus = dt_softplus
 
 
 def _backward(ctx, grad_out, grad_checkpoints, grad_final):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints = ctx.saved_tensors
+    x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, seq_idx = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = torch.ops.shammie.ssd_scan_backward(
-        grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, ctx.dt_softplus)
+        grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, ctx.dt_softplus, seq_idx)
     return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None,
-            dinitial if initial_states is not None else None, None)
+            dinitial if initial_states is not None else None, None, None)
 
 
 torch.library.register_autograd("shammie::ssd_scan", _backward, setup_context=_setup_context)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import shammie
-from shammie.reference.causal_conv1d import causal_conv1d_reference, causal_conv1d_update_reference
+from shammie.reference.causal_conv1d import (causal_conv1d_packed_reference, causal_conv1d_reference,
+                                             causal_conv1d_update_reference)
 from conftest import DEVICES, DTYPES, assert_matches_reference
 
 # (batch, dim, seqlen, width)
@@ -247,7 +248,65 @@ def test_chunking_arguments_bad_input():
         shammie.causal_conv1d_fn(x, w, b, initial_states=torch.zeros(2, 4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"final_states_out must have shape \(2, 4, 3\)"):
         shammie.causal_conv1d_fn(x, w, b, return_final_states=True, final_states_out=torch.zeros(2, 4, 2))
-    with pytest.raises(NotImplementedError, match=r"packed sequences \(seq_idx"):
-        shammie.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 9, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_idx must have shape \(batch, seqlen\) = \(2, 9\)"):
+        shammie.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="seq_idx must be int32 or int64"):
+        shammie.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="seq_idx must be on the same device as x"):
+        shammie.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 9, dtype=torch.int32, device="meta"))
+    with pytest.raises(ValueError, match=r"seq_idx must have shape \(batch, seqlen\) = \(2, 9\)"):
+        shammie.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 8, dtype=torch.int64),
+                                 initial_states=torch.zeros(2, 4, 3))
     with pytest.raises(TypeError, match="pass activation= by keyword"):
         shammie.causal_conv1d_fn(x, w, b, "silu")
+
+
+# Packed sequences: row 0 holds runs of 1, 2 (shorter than the window), 9 and 28 steps; row 1 one run
+# (ids need not start at 0); row 2 a run per step.
+def packed_seq_idx(seqlen=40):
+    rows = [torch.repeat_interleave(torch.arange(4), torch.tensor([1, 2, 9, seqlen - 12])),
+            torch.full((seqlen,), 7), torch.arange(seqlen)]
+    return torch.stack(rows).to(torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_packed_sequences_match_separate_runs(dtype, device, activation, with_initial):
+    x, w, b = make((3, 5, 40, 4), dtype, device, layout="channel-last")
+    seq_idx = packed_seq_idx().to(device)
+    initial = (torch.randn(3, 5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+               .to(device, dtype) if with_initial else None)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b, initial)]
+    out = shammie.causal_conv1d_fn(leaves[0], leaves[1], leaves[2], seq_idx=seq_idx, initial_states=leaves[3],
+                                   activation=activation)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad.to(device=device, dtype=dtype))
+
+    def reference(compute_dtype, out_dtype):
+        ref_leaves = [None if t is None else t.detach().cpu().to(compute_dtype).requires_grad_()
+                      for t in (x, w, b, initial)]
+        ref = causal_conv1d_packed_reference(ref_leaves[0], ref_leaves[1], ref_leaves[2], seq_idx.cpu(),
+                                             activation, initial_states=ref_leaves[3])
+        ref.backward(grad.to(compute_dtype))
+        return ref.detach().to(out_dtype), [None if t is None else t.grad.to(out_dtype) for t in ref_leaves]
+
+    ref64, grads64 = reference(torch.float64, torch.float64)
+    ref_low, grads_low = reference(torch.float32 if dtype != torch.float64 else torch.float64, dtype)
+    assert_matches_reference(out.detach(), ref64, ref_low, "out")
+    for name, leaf, g64, glow in zip(("x", "weight", "bias", "initial_states"), leaves, grads64, grads_low):
+        if leaf is not None:
+            assert_matches_reference(leaf.grad, g64, glow, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_sequences_gradcheck_and_opcheck(device):
+    x, w, b = make((3, 3, 17, 3), torch.float64, device)
+    seq_idx = packed_seq_idx(17).to(device)
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    fn = lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, seq_idx=seq_idx, activation="silu")
+    assert torch.autograd.gradcheck(fn, args)
+    torch.library.opcheck(torch.ops.shammie.causal_conv1d, (x, w, b, True, seq_idx.long()))
+    torch.library.opcheck(torch.ops.shammie.causal_conv1d, (*args, False, seq_idx))
+    torch.library.opcheck(torch.ops.shammie.causal_conv1d_backward, (torch.randn_like(x), x, w, None, True, seq_idx))

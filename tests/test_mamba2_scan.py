@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shammie
-from shammie.reference.mamba2 import ssd_scan_reference
+from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference
 from conftest import DEVICES, DTYPES, assert_matches_reference
 
 LOW = ("x", "dt", "B", "C", "z")      # in the activation dtype; A, D, dt_bias, initial_states in float32
@@ -101,6 +101,50 @@ def test_gradients_match_reference(case, dtype, device, setting):
     low = gradients(ssd_scan_reference, cpu, softplus, limit)
     for name in got:
         assert_matches_reference(got[name], ref[name], low[name], f"grad {name}")
+
+
+def packed_seq_idx(seqlen):
+    """Row 0: runs of 1, 2, 130 (across a checkpoint interval) and the rest; row 1: one run; ids as
+    mamba_ssm makes them (non-decreasing, int32)."""
+    row0 = torch.repeat_interleave(torch.arange(4), torch.tensor([1, 2, 130, seqlen - 133]))
+    return torch.stack([row0, torch.full((seqlen,), 5)]).to(torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("setting", ["softplus", "softplus + dt_limit"])
+def test_packed_sequences_match_separate_runs(dtype, device, setting):
+    softplus, limit = SETTINGS[setting]
+    inputs = make(batch=2, L=300, heads=4, headdim=3, groups=2, N=16, dtype=dtype, device=device)
+    seq_idx = packed_seq_idx(300).to(device)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    out, state = shammie.mamba_chunk_scan_combined(**leaves, chunk_size=64, seq_idx=seq_idx, dt_softplus=softplus,
+                                                   dt_limit=limit, return_final_states=True)
+    g = torch.Generator().manual_seed(1)
+    w_out, w_state = torch.randn(out.shape, generator=g), torch.randn(state.shape, generator=g)
+    loss = lambda o, s: (o.double() * w_out.double()).sum() + (s.double() * w_state.double()).sum()
+    got = dict(zip(leaves, torch.autograd.grad(loss(out.cpu(), state.cpu()), list(leaves.values()))))
+
+    def reference(compute_dtype):
+        ref_leaves = {k: (v.detach().cpu().double() if compute_dtype == torch.float64 else v.detach().cpu())
+                      .requires_grad_(True) for k, v in inputs.items() if v is not None}
+        o, s = ssd_scan_packed_reference(**ref_leaves, dt_softplus=softplus, dt_limit=limit, seq_idx=seq_idx.cpu())
+        grads = torch.autograd.grad(loss(o, s), list(ref_leaves.values()))
+        return o.detach(), s.detach(), dict(zip(ref_leaves, grads))
+
+    ref_out, ref_state, ref_grads = reference(torch.float64)
+    low_out, low_state, low_grads = reference(None)
+    assert_matches_reference(out, ref_out, low_out, "out")
+    assert_matches_reference(state, ref_state, low_state.to(state.dtype), "final state")
+    for name in got:
+        assert_matches_reference(got[name], ref_grads[name], low_grads[name].to(got[name].dtype), f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_sequences_opcheck(device):
+    inputs = make(**CASES["L=77 groups=2"], device=device)
+    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor([30, 1, 46])).expand(2, 77).to(device)
+    torch.library.opcheck(torch.ops.shammie.ssd_scan, (*(inputs[k] for k in OP_ORDER), True, seq_idx))
 
 
 def test_activations_of_mixed_dtypes_compute_in_the_widest():
@@ -228,8 +272,14 @@ def with_change(change):
         kwargs["dt_limit"] = (1.0, 0.5)
     elif change == "chunk_size 0":
         kwargs["chunk_size"] = 0
-    elif change == "seq_idx":
+    elif change == "seq_idx wrong shape":
+        kwargs["seq_idx"] = torch.zeros(2, 76, dtype=torch.int32)
+    elif change == "seq_idx float":
+        kwargs["seq_idx"] = torch.zeros(2, 77)
+    elif change == "return_varlen_states":
         kwargs["seq_idx"] = torch.zeros(2, 77, dtype=torch.int32)
+        kwargs["cu_seqlens"] = torch.tensor([0, 77], dtype=torch.int32)
+        kwargs["return_varlen_states"] = True
     elif change == "x on meta":
         inputs["x"] = inputs["x"].to("meta")
     return inputs, kwargs
@@ -248,7 +298,9 @@ def with_change(change):
     ("dstate 257", ValueError, "dstate <= 256"),
     ("dt_limit reversed", ValueError, r"dt_limit must be \(low, high\) with low <= high"),
     ("chunk_size 0", ValueError, "chunk_size must be a positive int"),
-    ("seq_idx", NotImplementedError, r"packed sequences \(seq_idx"),
+    ("seq_idx wrong shape", ValueError, r"seq_idx must have shape \(batch, seqlen\) = \(2, 77\)"),
+    ("seq_idx float", TypeError, "seq_idx must be int32 or int64"),
+    ("return_varlen_states", NotImplementedError, "return_varlen_states / cu_seqlens"),
     ("x on meta", ValueError, r"must be on the same device as x \(meta\)"),
 ])
 def test_bad_input_is_a_clear_error(change, error, message):
@@ -335,6 +387,31 @@ def test_split_conv1d_scan_gradcheck_and_float32():
     want = fn(*(inputs[k].detach() for k in names))
     got = shammie.mamba_split_conv1d_scan_combined(**low, chunk_size=16)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_split_conv1d_scan_packed_sequences_match_separate_runs():
+    # Both the conv and the scan must see the boundaries: each packed sequence equals its own call
+    # (from initial_states for a row's first sequence, from zeros after), gradients included.
+    inputs = split_inputs(**SPLIT_CASES["norm after gate (HF), groups 2, out-proj"], initial=True)
+    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor([2, 25, 13])),
+                           torch.full((40,), 3)]).to(torch.int32)
+    zxbcdt = inputs.pop("zxbcdt").requires_grad_()
+    initial = inputs.pop("initial_states")
+    out, state = shammie.mamba_split_conv1d_scan_combined(zxbcdt, **inputs, initial_states=initial, seq_idx=seq_idx,
+                                                          chunk_size=16, return_final_states=True)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (got_grad,) = torch.autograd.grad((out * grad).sum(), zxbcdt)
+    want_grad = torch.zeros_like(zxbcdt)
+    for b, runs in enumerate(([0, 2, 27, 40], [0, 40])):
+        for start, end in zip(runs, runs[1:]):
+            piece = zxbcdt.detach()[b : b + 1, start:end].clone().requires_grad_()
+            o, s = shammie.mamba_split_conv1d_scan_combined(
+                piece, **inputs, initial_states=initial[b : b + 1] if start == 0 else None, chunk_size=16,
+                return_final_states=True)
+            torch.testing.assert_close(out[b : b + 1, start:end], o, rtol=1e-10, atol=1e-10)
+            (want_grad[b : b + 1, start:end],) = torch.autograd.grad((o * grad[b : b + 1, start:end]).sum(), piece)
+        torch.testing.assert_close(state[b : b + 1], s, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-9)
 
 
 def test_split_conv1d_scan_bad_input():

@@ -35,21 +35,22 @@ void check_weight_and_bias(const char* op, const at::Tensor& x, const at::Tensor
 }
 
 ForwardArgs forward_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, bool silu) {
+                         const std::optional<at::Tensor>& bias, bool silu, const std::optional<at::Tensor>& seq_idx) {
   check_rank(op, {x, "x"}, 3, "(batch, dim, seqlen)");
   check_floating(op, {x, "x"});
   check_weight_and_bias(op, x, weight, bias, x.size(1));
-  std::optional<at::Tensor> b;
+  std::optional<at::Tensor> b, seq;
   if (bias) b = bias->contiguous();
-  return ForwardArgs{x.size(0), x.size(1), x.size(2), weight.size(1), silu, x, weight.contiguous(), b,
+  if (seq_idx) seq = checked_seq_idx(op, *seq_idx, {x, "x"}, x.size(0), x.size(2));
+  return ForwardArgs{x.size(0), x.size(1), x.size(2), weight.size(1), silu, x, weight.contiguous(), b, seq,
                      at::Tensor()};
 }
 
 }  // namespace
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   bool silu, ForwardKernel kernel) {
-  ForwardArgs args = forward_args("causal_conv1d", x, weight, bias, silu);
+                   bool silu, const std::optional<at::Tensor>& seq_idx, ForwardKernel kernel) {
+  ForwardArgs args = forward_args("causal_conv1d", x, weight, bias, silu, seq_idx);
   args.out = at::empty(x.sizes(), x.options());
   if (args.out.numel() > 0) kernel(args);
   return args.out;
@@ -58,9 +59,10 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                         const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias, bool silu,
+                                                        const std::optional<at::Tensor>& seq_idx,
                                                         BackwardKernel kernel) {
   constexpr const char* op = "causal_conv1d_backward";
-  ForwardArgs fwd = forward_args(op, x, weight, bias, silu);
+  ForwardArgs fwd = forward_args(op, x, weight, bias, silu, seq_idx);
   check_same_dtype(op, {x, "x"}, {grad_out, "grad_out"});
   check_same_device(op, {x, "x"}, {grad_out, "grad_out"});
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
@@ -104,10 +106,10 @@ void update_cpu(const conv1d::UpdateArgs& a) { SHAMMIE_CPU_DISPATCH(causal_conv1
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shammie, m) {
-  m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor? seq_idx=None) -> Tensor");
   m.def(
-      "causal_conv1d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, bool silu) -> "
-      "(Tensor, Tensor, Tensor)");
+      "causal_conv1d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, bool silu, "
+      "Tensor? seq_idx=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> "
       "Tensor");
@@ -115,10 +117,12 @@ TORCH_LIBRARY_FRAGMENT(shammie, m) {
 
 TORCH_LIBRARY_IMPL(shammie, CPU, m) {
   m.impl("causal_conv1d", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                             bool silu) { return conv1d::forward(x, w, b, silu, forward_cpu); });
+                             bool silu, const std::optional<at::Tensor>& seq) {
+    return conv1d::forward(x, w, b, silu, seq, forward_cpu);
+  });
   m.impl("causal_conv1d_backward",
          [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-            bool silu) { return conv1d::backward(g, x, w, b, silu, backward_cpu); });
+            bool silu, const std::optional<at::Tensor>& seq) { return conv1d::backward(g, x, w, b, silu, seq, backward_cpu); });
   m.impl("causal_conv1d_update",
          [](const at::Tensor& x, const at::Tensor& state, const at::Tensor& w,
             const std::optional<at::Tensor>& b, bool silu) { return conv1d::update(x, state, w, b, silu, update_cpu); });

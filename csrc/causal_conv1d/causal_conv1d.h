@@ -1,6 +1,8 @@
 // Causal depthwise conv1d (the short convolution of Mamba blocks), causal-conv1d's contract:
 //   pre[b, d, t] = bias[d] + Σ_{w < W} weight[d, w] · x[b, d, t − (W − 1) + w]   (x = 0 before t = 0)
 //   out = silu(pre) if activation == "silu" else pre
+// With packed sequences (seq_idx (batch, L)), a tap reads x[b, d, s] only if seq_idx[b, s] == seq_idx[b, t]:
+// each sequence is convolved as if it started at zero.
 // and the decode step, which runs the same window over [conv_state, x] and shifts x into the state.
 // This header holds what the CPU and CUDA kernels share: the per-element math, the argument
 // structs and the front end.
@@ -35,6 +37,10 @@ SHAMMIE_HD T activation_grad(T pre, bool silu) {
 // How far back tap w of a width-W window looks: x[t − lag(w)].
 SHAMMIE_HD int64_t lag(int64_t w, int64_t width) { return width - 1 - w; }
 
+// Whether output t may read input s = t − lag (0 ≤ s ≤ t): always without packed sequences (seq is
+// null), else only within t's sequence. seq is the row's seq_idx.
+SHAMMIE_HD bool same_sequence(const int64_t* seq, int64_t s, int64_t t) { return !seq || seq[s] == seq[t]; }
+
 // A (batch, dim, length) tensor's strides, so that channel-last and sliced inputs need no copy.
 struct Strides {
   int64_t batch, dim, time;
@@ -46,6 +52,7 @@ struct ForwardArgs {
   at::Tensor x;                    // (batch, dim, length), any strides
   at::Tensor weight;               // (dim, width), contiguous
   std::optional<at::Tensor> bias;  // (dim,), contiguous
+  std::optional<at::Tensor> seq_idx;  // (batch, length) int64, contiguous: packed sequences
   at::Tensor out;                  // like x, contiguous
 };
 
@@ -74,10 +81,11 @@ using BackwardKernel = void (*)(const BackwardArgs&);
 using UpdateKernel = void (*)(const UpdateArgs&);
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   bool silu, ForwardKernel kernel);
+                   bool silu, const std::optional<at::Tensor>& seq_idx, ForwardKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                         const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias, bool silu,
+                                                        const std::optional<at::Tensor>& seq_idx,
                                                         BackwardKernel kernel);
 at::Tensor update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, bool silu, UpdateKernel kernel);

@@ -1,7 +1,8 @@
 // CPU kernels of causal conv1d (math in causal_conv1d.h), compiled once per instruction set.
 // Parallel over (batch, dim) rows. Each row is staged once into a buffer with W − 1 leading zeros,
 // xp[W − 1 + t] = x[t], so tap w of output t reads xp[t + w] with no bounds test and the loops over
-// time vectorize. The backward recomputes the pre-activation rather than storing it.
+// time vectorize. The backward recomputes the pre-activation rather than storing it. Packed
+// sequences multiply each tap by a 0/1 mask per (batch, tap, output step), built once per call.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -31,16 +32,44 @@ inline void stage_row(const scalar_t* src, int64_t stride, int64_t n, int64_t le
   }
 }
 
-// pre[t] = bias + Σ_w weight[w] · xp[t + w]   for t < n (xp padded as above).
+// Tap masks of packed sequences: keep[(b·W + w)·(L + W − 1) + t] = 1 when tap w of output t reads
+// an input of t's sequence (t − lag(w) ≥ 0 and the same seq_idx), else 0; zero for t ≥ L, so the
+// transposed window of the backward may read up to L + W − 2. Empty without seq_idx.
 template <typename acc_t>
-inline void window(const acc_t* xp, const acc_t* weight, int64_t width, acc_t bias, int64_t n, acc_t* pre) {
+std::vector<acc_t> tap_masks(const ForwardArgs& a) {
+  if (!a.seq_idx) return {};
+  const int64_t W = a.width, L = a.length, stride = L + W - 1;
+  std::vector<acc_t> keep(static_cast<size_t>(a.batch * W * stride), acc_t(0));
+  const int64_t* seq_idx = a.seq_idx->const_data_ptr<int64_t>();
+  at::parallel_for(0, a.batch * W, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bw = begin; bw < end; ++bw) {
+      const int64_t* seq = seq_idx + (bw / W) * L;
+      const int64_t lag_w = lag(bw % W, W);
+      acc_t* k = keep.data() + bw * stride;
+      for (int64_t t = lag_w; t < L; ++t) k[t] = acc_t(same_sequence(seq, t - lag_w, t));
+    }
+  });
+  return keep;
+}
+
+// pre[t] = bias + Σ_w weight[w] · keep_w[t] · xp[t + w]   for t < n (xp padded as above; keep_w =
+// keep + w·keep_stride, or all ones when keep is null).
+template <typename acc_t>
+inline void window(const acc_t* xp, const acc_t* weight, int64_t width, acc_t bias, int64_t n, acc_t* pre,
+                   const acc_t* keep = nullptr, int64_t keep_stride = 0) {
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) pre[t] = bias;
   for (int64_t w = 0; w < width; ++w) {
     const acc_t wv = weight[w];
     const acc_t* src = xp + w;
+    if (keep) {
+      const acc_t* k = keep + w * keep_stride;
 #pragma omp simd
-    for (int64_t t = 0; t < n; ++t) pre[t] += wv * src[t];
+      for (int64_t t = 0; t < n; ++t) pre[t] += wv * k[t] * src[t];
+    } else {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) pre[t] += wv * src[t];
+    }
   }
 }
 
@@ -63,13 +92,15 @@ void forward_typed(const ForwardArgs& a) {
   const Strides xs = strides_of(a.x);
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
-  const int64_t W = a.width, L = a.length;
+  const int64_t W = a.width, L = a.length, keep_stride = L + W - 1;
+  const std::vector<acc_t> keep = tap_masks<acc_t>(a);
   at::parallel_for(0, a.batch * a.dim, row_grain(L), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xp(W - 1 + L), pre(L);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / a.dim, d = row % a.dim;
+      const acc_t* keep_b = keep.empty() ? nullptr : keep.data() + b * W * keep_stride;
       stage_row(x + b * xs.batch + d * xs.dim, xs.time, L, W - 1, xp.data());
-      window(xp.data(), params.weight.data() + d * W, W, params.bias[d], L, pre.data());
+      window(xp.data(), params.weight.data() + d * W, W, params.bias[d], L, pre.data(), keep_b, keep_stride);
       scalar_t* o = out + row * L;
       if (a.silu) {
 #pragma omp simd
@@ -90,7 +121,8 @@ void backward_typed(const BackwardArgs& args) {
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   const scalar_t* gy = args.grad_out.const_data_ptr<scalar_t>();
   scalar_t* gx = args.grad_x.mutable_data_ptr<scalar_t>();
-  const int64_t W = a.width, L = a.length;
+  const int64_t W = a.width, L = a.length, keep_stride = L + W - 1;
+  const std::vector<acc_t> keep = tap_masks<acc_t>(a);
   // Weight and bias gradients per row, summed over the batch at the end (deterministic).
   std::vector<acc_t> gw_rows(a.batch * a.dim * W), gb_rows(a.batch * a.dim);
 
@@ -100,9 +132,10 @@ void backward_typed(const BackwardArgs& args) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / a.dim, d = row % a.dim;
       const acc_t* wd = params.weight.data() + d * W;
+      const acc_t* keep_b = keep.empty() ? nullptr : keep.data() + b * W * keep_stride;
       stage_row(x + b * xs.batch + d * xs.dim, xs.time, L, W - 1, xp.data());
       stage_row(gy + b * gs.batch + d * gs.dim, gs.time, L, 0, g.data());
-      window(xp.data(), wd, W, params.bias[d], L, pre.data());
+      window(xp.data(), wd, W, params.bias[d], L, pre.data(), keep_b, keep_stride);
       // Two plain loops (the activation branch hoisted, the sum apart) so that both vectorize.
       if (a.silu) {
 #pragma omp simd
@@ -114,20 +147,32 @@ void backward_typed(const BackwardArgs& args) {
 #pragma omp simd reduction(+ : gb)
       for (int64_t t = 0; t < L; ++t) gb += gp[t];
       gb_rows[row] = gb;
-      for (int64_t w = 0; w < W; ++w) {   // grad weight[w] = Σ_t gp[t] · xp[t + w]
+      for (int64_t w = 0; w < W; ++w) {   // grad weight[w] = Σ_t gp[t] · keep_w[t] · xp[t + w]
         acc_t sum = 0;
         const acc_t* src = xp.data() + w;
+        if (keep_b) {
+          const acc_t* k = keep_b + w * keep_stride;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < L; ++t) sum += gp[t] * src[t];
+          for (int64_t t = 0; t < L; ++t) sum += gp[t] * k[t] * src[t];
+        } else {
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = 0; t < L; ++t) sum += gp[t] * src[t];
+        }
         gw_rows[row * W + w] = sum;
       }
-      // grad x[t] = Σ_w weight[w] · gp[t + lag(w)]
+      // grad x[t] = Σ_w weight[w] · keep_w[t + lag(w)] · gp[t + lag(w)]
       std::fill(pre.begin(), pre.end(), acc_t(0));
       for (int64_t w = 0; w < W; ++w) {
         const acc_t wv = wd[w];
         const acc_t* src = gp.data() + lag(w, W);
+        if (keep_b) {
+          const acc_t* k = keep_b + w * keep_stride + lag(w, W);
 #pragma omp simd
-        for (int64_t t = 0; t < L; ++t) pre[t] += wv * src[t];
+          for (int64_t t = 0; t < L; ++t) pre[t] += wv * k[t] * src[t];
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < L; ++t) pre[t] += wv * src[t];
+        }
       }
       scalar_t* o = gx + row * L;
       for (int64_t t = 0; t < L; ++t) o[t] = static_cast<scalar_t>(pre[t]);

@@ -25,30 +25,36 @@ inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, int64_t(1) << 20));
 }
 
-// pre[t] for channel d of one row; bias may be null.
+// pre[t] for channel d of one row; bias may be null; seq (the row's seq_idx) null without packing.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t pre_activation(const scalar_t* __restrict__ x_row, int64_t x_time,
                                                 const scalar_t* __restrict__ weight,
-                                                const scalar_t* __restrict__ bias, int64_t d, int64_t width,
-                                                int64_t t) {
+                                                const scalar_t* __restrict__ bias, const int64_t* __restrict__ seq,
+                                                int64_t d, int64_t width, int64_t t) {
   const scalar_t* w_row = weight + d * width;
   acc_t acc = bias ? acc_t(bias[d]) : acc_t(0);
   for (int64_t w = 0; w < width; ++w) {
     const int64_t src = t - lag(w, width);
-    if (src >= 0) acc += acc_t(w_row[w]) * acc_t(x_row[src * x_time]);
+    if (src >= 0 && same_sequence(seq, src, t)) acc += acc_t(w_row[w]) * acc_t(x_row[src * x_time]);
   }
   return acc;
+}
+
+// The seq_idx row of batch b (null without packed sequences).
+__device__ __forceinline__ const int64_t* seq_row(const int64_t* seq_idx, int64_t b, int64_t length) {
+  return seq_idx ? seq_idx + b * length : nullptr;
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ x, Strides xs, const scalar_t* __restrict__ weight,
-                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t batch, int64_t dim,
-                   int64_t length, int64_t width, bool silu) {
+                   const scalar_t* __restrict__ bias, const int64_t* __restrict__ seq_idx, scalar_t* __restrict__ out,
+                   int64_t batch, int64_t dim, int64_t length, int64_t width, bool silu) {
   const int64_t total = batch * dim * length;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i % length, row = i / length, d = row % dim, b = row / dim;
-    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight, bias, d, width, t);
+    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight, bias,
+                                                      seq_row(seq_idx, b, length), d, width, t);
     out[i] = scalar_t(activate(pre, silu));
   }
 }
@@ -57,28 +63,32 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     grad_pre_kernel(const scalar_t* __restrict__ x, Strides xs, const scalar_t* __restrict__ gy, Strides gs,
-                    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias, acc_t* __restrict__ gp,
-                    int64_t batch, int64_t dim, int64_t length, int64_t width, bool silu) {
+                    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                    const int64_t* __restrict__ seq_idx, acc_t* __restrict__ gp, int64_t batch, int64_t dim,
+                    int64_t length, int64_t width, bool silu) {
   const int64_t total = batch * dim * length;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i % length, row = i / length, d = row % dim, b = row / dim;
-    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight, bias, d, width, t);
+    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight, bias,
+                                                      seq_row(seq_idx, b, length), d, width, t);
     gp[i] = acc_t(gy[b * gs.batch + d * gs.dim + t * gs.time]) * activation_grad(pre, silu);
   }
 }
 
-// grad x[t] = Σ_w weight[w] · gp[t + lag(w)]  (taps past the end read nothing)
+// grad x[t] = Σ_w weight[w] · gp[t + lag(w)]  (taps past the end, or into another sequence, read nothing)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    grad_x_kernel(const acc_t* __restrict__ gp, const scalar_t* __restrict__ weight, scalar_t* __restrict__ gx,
-                  int64_t batch, int64_t dim, int64_t length, int64_t width) {
+    grad_x_kernel(const acc_t* __restrict__ gp, const scalar_t* __restrict__ weight,
+                  const int64_t* __restrict__ seq_idx, scalar_t* __restrict__ gx, int64_t batch, int64_t dim,
+                  int64_t length, int64_t width) {
   const int64_t total = batch * dim * length;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i % length, row = i / length, d = row % dim;
+    const int64_t* seq = seq_row(seq_idx, row / dim, length);
     acc_t acc = 0;
     for (int64_t w = 0; w < width; ++w) {
-      const int64_t src = t + lag(w, width);
-      if (src < length) acc += acc_t(weight[d * width + w]) * gp[row * length + src];
+      const int64_t src = t + lag(w, width);   // the output whose tap w reads x[t]
+      if (src < length && same_sequence(seq, t, src)) acc += acc_t(weight[d * width + w]) * gp[row * length + src];
     }
     gx[i] = scalar_t(acc);
   }
@@ -89,8 +99,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     grad_weight_kernel(const acc_t* __restrict__ gp, const scalar_t* __restrict__ x, Strides xs,
-                       scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias, int64_t batch,
-                       int64_t dim, int64_t length, int64_t width) {
+                       const int64_t* __restrict__ seq_idx, scalar_t* __restrict__ grad_weight,
+                       scalar_t* __restrict__ grad_bias, int64_t batch, int64_t dim, int64_t length, int64_t width) {
   __shared__ acc_t partial[kThreads];
   const int64_t d = blockIdx.x / (width + 1), w = blockIdx.x % (width + 1);
   const bool is_bias = w == width;
@@ -101,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t g = gp[(b * dim + d) * length + t];
     if (is_bias) {
       acc += g;
-    } else if (t >= lag_w) {
+    } else if (t >= lag_w && same_sequence(seq_row(seq_idx, b, length), t - lag_w, t)) {
       acc += g * acc_t(x[b * xs.batch + d * xs.dim + (t - lag_w) * xs.time]);
     }
   }
@@ -144,6 +154,10 @@ const scalar_t* bias_ptr(const std::optional<at::Tensor>& bias) {
   return bias ? bias->const_data_ptr<scalar_t>() : nullptr;
 }
 
+const int64_t* seq_ptr(const std::optional<at::Tensor>& seq_idx) {
+  return seq_idx ? seq_idx->const_data_ptr<int64_t>() : nullptr;
+}
+
 void forward_cuda(const ForwardArgs& a) {
   const c10::cuda::CUDAGuard guard(a.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -151,7 +165,7 @@ void forward_cuda(const ForwardArgs& a) {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t><<<blocks_for(a.out.numel()), kThreads, 0, stream>>>(
         a.x.const_data_ptr<scalar_t>(), strides_of(a.x), a.weight.const_data_ptr<scalar_t>(), bias_ptr<scalar_t>(a.bias),
-        a.out.mutable_data_ptr<scalar_t>(), a.batch, a.dim, a.length, a.width, a.silu);
+        seq_ptr(a.seq_idx), a.out.mutable_data_ptr<scalar_t>(), a.batch, a.dim, a.length, a.width, a.silu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -167,17 +181,17 @@ void backward_cuda(const BackwardArgs& args) {
     grad_pre_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
         a.x.const_data_ptr<scalar_t>(), strides_of(a.x), args.grad_out.const_data_ptr<scalar_t>(),
         strides_of(args.grad_out), a.weight.const_data_ptr<scalar_t>(), bias_ptr<scalar_t>(a.bias),
-        gp.mutable_data_ptr<acc_t>(), a.batch, a.dim, a.length, a.width, a.silu);
+        seq_ptr(a.seq_idx), gp.mutable_data_ptr<acc_t>(), a.batch, a.dim, a.length, a.width, a.silu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_x_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        gp.const_data_ptr<acc_t>(), a.weight.const_data_ptr<scalar_t>(), args.grad_x.mutable_data_ptr<scalar_t>(),
-        a.batch, a.dim, a.length, a.width);
+        gp.const_data_ptr<acc_t>(), a.weight.const_data_ptr<scalar_t>(), seq_ptr(a.seq_idx),
+        args.grad_x.mutable_data_ptr<scalar_t>(), a.batch, a.dim, a.length, a.width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // One block per weight and bias entry, on grid.x (grid.y would cap the width at 65,534).
     const int64_t entries = a.dim * (a.width + 1);
     TORCH_CHECK(entries <= INT32_MAX, "causal_conv1d_fn: dim · (width + 1) = ", entries, " is too large for one CUDA launch");
     grad_weight_kernel<scalar_t, acc_t><<<entries, kThreads, 0, stream>>>(
-        gp.const_data_ptr<acc_t>(), a.x.const_data_ptr<scalar_t>(), strides_of(a.x),
+        gp.const_data_ptr<acc_t>(), a.x.const_data_ptr<scalar_t>(), strides_of(a.x), seq_ptr(a.seq_idx),
         args.grad_weight.mutable_data_ptr<scalar_t>(), args.grad_bias.mutable_data_ptr<scalar_t>(), a.batch, a.dim,
         a.length, a.width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -202,12 +216,14 @@ void update_cuda(const UpdateArgs& a) {
 
 TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
   namespace conv1d = shammie::conv1d;
-  m.impl("causal_conv1d", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool silu) {
-    return conv1d::forward(x, w, b, silu, conv1d::cuda::forward_cuda);
+  m.impl("causal_conv1d", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool silu,
+                             const std::optional<at::Tensor>& seq) {
+    return conv1d::forward(x, w, b, silu, seq, conv1d::cuda::forward_cuda);
   });
   m.impl("causal_conv1d_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
-                                      const std::optional<at::Tensor>& b, bool silu) {
-    return conv1d::backward(g, x, w, b, silu, conv1d::cuda::backward_cuda);
+                                      const std::optional<at::Tensor>& b, bool silu,
+                                      const std::optional<at::Tensor>& seq) {
+    return conv1d::backward(g, x, w, b, silu, seq, conv1d::cuda::backward_cuda);
   });
   m.impl("causal_conv1d_update", [](const at::Tensor& x, const at::Tensor& state, const at::Tensor& w,
                                     const std::optional<at::Tensor>& b, bool silu) {

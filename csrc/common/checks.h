@@ -48,4 +48,15 @@ inline void check_same_device(const char* op, Arg a, Arg b) {
                     b.tensor.device());
 }
 
+// seq_idx of packed sequences (mamba_ssm's and causal-conv1d's): (batch, seqlen) int32 or int64 ids,
+// on x's device; returned as contiguous int64 for the kernels.
+inline at::Tensor checked_seq_idx(const char* op, const at::Tensor& seq_idx, Arg x, int64_t batch, int64_t seqlen) {
+  check_same_device(op, x, {seq_idx, "seq_idx"});
+  TORCH_CHECK_TYPE(seq_idx.scalar_type() == at::kInt || seq_idx.scalar_type() == at::kLong, op,
+                   ": seq_idx must be int32 or int64, got ", seq_idx.scalar_type());
+  TORCH_CHECK_VALUE(seq_idx.dim() == 2 && seq_idx.size(0) == batch && seq_idx.size(1) == seqlen, op,
+                    ": seq_idx must have shape (batch, seqlen) = (", batch, ", ", seqlen, "), got ", seq_idx.sizes());
+  return seq_idx.to(at::kLong).contiguous();
+}
+
 }  // namespace shammie

@@ -32,7 +32,7 @@ at::Tensor parameter(const std::optional<at::Tensor>& t, const char* name, const
 SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                   const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
-                  bool softplus) {
+                  bool softplus, const std::optional<at::Tensor>& seq_idx) {
   check_rank(kOp, {x, "x"}, 4, "(batch, seqlen, nheads, headdim)");
   check_floating(kOp, {x, "x"});
   const int64_t batch = x.size(0), seqlen = x.size(1), heads = x.size(2), headdim = x.size(3);
@@ -71,6 +71,8 @@ SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
                 "(batch, nheads, headdim, dstate)");
     initial = initial_states->to(acc).contiguous();
   }
+  std::optional<at::Tensor> seq;
+  if (seq_idx) seq = checked_seq_idx(kOp, *seq_idx, {x, "x"}, batch, seqlen);
   // D per row: a per-head D (or the zeros of an absent one) repeats over the head's headdim rows.
   const at::Tensor D_rows = parameter(D, "D", x, D && D->dim() == 2 ? heads * headdim : heads, acc)
                                 .reshape({heads, -1})
@@ -80,7 +82,7 @@ SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
   return SsdArgs{batch, seqlen, heads, headdim, groups, dstate, softplus,
                  x.contiguous(), dt.contiguous(), z ? std::optional<at::Tensor>(z->contiguous()) : std::nullopt,
                  A.to(acc).contiguous(), B.to(acc).contiguous(), C.to(acc).contiguous(), D_rows,
-                 parameter(dt_bias, "dt_bias", x, heads, acc), initial, at::Tensor()};
+                 parameter(dt_bias, "dt_bias", x, heads, acc), initial, seq, at::Tensor()};
 }
 
 std::vector<int64_t> checkpoint_shape(const SsdArgs& in) {
@@ -94,8 +96,9 @@ std::vector<int64_t> state_shape(const SsdArgs& in) { return {in.batch, in.heads
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
     const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
-    const std::optional<at::Tensor>& initial_states, bool dt_softplus, SsdForwardKernel kernel) {
-  SsdArgs in = make_args(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus);
+    const std::optional<at::Tensor>& initial_states, bool dt_softplus, const std::optional<at::Tensor>& seq_idx,
+    SsdForwardKernel kernel) {
+  SsdArgs in = make_args(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx);
   const auto acc = in.A.options();
   in.checkpoints = at::empty(checkpoint_shape(in), acc);
   SsdForwardArgs args{in, at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)),
@@ -116,8 +119,8 @@ std::vector<at::Tensor> ssd_scan_backward(
     const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
     const std::optional<at::Tensor>& initial_states, const at::Tensor& checkpoints, bool dt_softplus,
-    SsdBackwardKernel kernel) {
-  SsdArgs in = make_args(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus);
+    const std::optional<at::Tensor>& seq_idx, SsdBackwardKernel kernel) {
+  SsdArgs in = make_args(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx);
   check_same_device(kOp, {x, "x"}, {checkpoints, "checkpoints"});
   check_shape(kOp, {checkpoints, "checkpoints"}, checkpoint_shape(in),
               "(batch, nheads, num_checkpoints, headdim, dstate), as the forward returned");
@@ -176,11 +179,12 @@ void backward_cpu(const ssd::SsdBackwardArgs& a) { SHAMMIE_CPU_DISPATCH(ssd_scan
 TORCH_LIBRARY_FRAGMENT(shammie, m) {
   m.def(
       "ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, "
-      "Tensor? initial_states, bool dt_softplus) -> (Tensor out, Tensor checkpoints, Tensor final_state)");
+      "Tensor? initial_states, bool dt_softplus, Tensor? seq_idx=None) -> (Tensor out, Tensor checkpoints, "
+      "Tensor final_state)");
   m.def(
       "ssd_scan_backward(Tensor grad_out, Tensor? grad_final, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-      "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor checkpoints, bool dt_softplus) "
-      "-> Tensor[]");
+      "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor checkpoints, bool dt_softplus, "
+      "Tensor? seq_idx=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(shammie, CPU, m) { ssd::register_kernels<forward_cpu, backward_cpu>(m); }

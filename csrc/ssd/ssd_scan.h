@@ -4,6 +4,8 @@
 //   dt_t = softplus(dt[b,t,h] + dt_bias_h) (or without softplus),  a_t = exp(dt_t·A_h)
 //   S_t[p,n] = a_t·S_{t−1}[p,n] + dt_t·x_t[p]·B_t[g,n],   S_{−1} = initial state (or 0)
 //   y_t[p] = Σ_n C_t[g,n]·S_t[p,n] + D[h,p]·x_t[p],   out = y·silu(z) when z is given.
+// Packed sequences (seq_idx (batch, L)): a step whose id differs from the previous step's starts a new
+// sequence, a_t = 0 there, so no state (and, in the backward, no gradient) crosses it.
 //
 // Each row p is an independent recurrence over the N-vector S[p,:] with a scalar decay, so the
 // kernels run rows in parallel and vectorize over n (CPU) or put n on threads (CUDA). The forward
@@ -39,6 +41,7 @@ struct SsdArgs {
   at::Tensor D;                               // (H·P,), per row (zeros when absent)
   at::Tensor dt_bias;                         // (H,) (zeros when absent)
   std::optional<at::Tensor> initial_states;   // (batch, H, P, N)
+  std::optional<at::Tensor> seq_idx;          // (batch, L) int64: packed sequences
   at::Tensor checkpoints;                     // (batch, H, num_checkpoints, P, N): k holds the state
                                               // before step k·kInterval (k = 0: the initial state)
   int64_t heads_per_group() const { return heads / groups; }
@@ -69,15 +72,22 @@ struct SsdInputs {
   const acc_t* D;
   const acc_t* dt_bias;
   const acc_t* initial_states;
+  const int64_t* seq_idx;
 
   static SsdInputs of(const SsdArgs& a) {
     return {a.x.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<scalar_t>(),
             a.z ? a.z->const_data_ptr<scalar_t>() : nullptr, a.A.const_data_ptr<acc_t>(),
             a.B.const_data_ptr<acc_t>(), a.C.const_data_ptr<acc_t>(), a.D.const_data_ptr<acc_t>(),
             a.dt_bias.const_data_ptr<acc_t>(),
-            a.initial_states ? a.initial_states->const_data_ptr<acc_t>() : nullptr};
+            a.initial_states ? a.initial_states->const_data_ptr<acc_t>() : nullptr,
+            a.seq_idx ? a.seq_idx->const_data_ptr<int64_t>() : nullptr};
   }
 };
+
+// Whether step t of batch b starts a new packed sequence (seq_idx (batch, L), or null: never).
+SHAMMIE_HD bool starts_sequence(const int64_t* seq_idx, int64_t L, int64_t b, int64_t t) {
+  return seq_idx != nullptr && t > 0 && seq_idx[b * L + t] != seq_idx[b * L + t - 1];
+}
 
 inline Layout layout_of(const SsdArgs& a) {
   return {a.seqlen, a.heads, a.headdim, a.groups, a.dstate, a.heads_per_group(), num_checkpoints(a.seqlen)};
@@ -108,7 +118,8 @@ using SsdBackwardKernel = void (*)(const SsdBackwardArgs&);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
     const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
-    const std::optional<at::Tensor>& initial_states, bool dt_softplus, SsdForwardKernel kernel);
+    const std::optional<at::Tensor>& initial_states, bool dt_softplus, const std::optional<at::Tensor>& seq_idx,
+    SsdForwardKernel kernel);
 
 // Return (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); dz and dinitial_states are empty
 // when z / initial_states are absent; dD has D's shape.
@@ -117,6 +128,6 @@ std::vector<at::Tensor> ssd_scan_backward(
     const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
     const std::optional<at::Tensor>& initial_states, const at::Tensor& checkpoints, bool dt_softplus,
-    SsdBackwardKernel kernel);
+    const std::optional<at::Tensor>& seq_idx, SsdBackwardKernel kernel);
 
 }  // namespace shammie::ssd

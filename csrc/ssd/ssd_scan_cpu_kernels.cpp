@@ -46,7 +46,7 @@ void step_sizes(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* dts
   for (int64_t t = 0; t < v.L; ++t) {
     const acc_t raw = acc_t(v.dt[v.dt_at(b, t, h)]) + v.dt_bias[h];
     dts[t] = ssm::step_size(raw, acc_t(0), v.softplus);
-    decay[t] = vexp(dts[t] * v.A[h]);
+    decay[t] = ssd::starts_sequence(v.seq_idx, v.L, b, t) ? acc_t(0) : vexp(dts[t] * v.A[h]);
     if (slope) slope[t] = v.softplus && raw <= acc_t(20) ? acc_t(1) / (acc_t(1) + vexp(-raw)) : acc_t(1);
   }
 }

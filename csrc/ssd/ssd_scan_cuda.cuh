@@ -153,7 +153,8 @@ __device__ void load_tile(const Par& p, const Place& q, acc_t A_h, acc_t bias_h,
     const int t = threadIdx.x;
     const acc_t dt = t < steps ? ssm::step_size(acc_t(p.dt[dt_at(p, q, t0 + t)]), bias_h, p.softplus) : acc_t(0);
     tile.dt[t] = dt;
-    tile.decay[t] = vexp(dt * A_h);
+    // A packed sequence's first step keeps nothing of the previous state (nor, backward, its gradient).
+    tile.decay[t] = t < steps && starts_sequence(p.seq_idx, p.L, q.b, t0 + t) ? acc_t(0) : vexp(dt * A_h);
   }
   for (int i = threadIdx.x; i < p.rpb * kT; i += blockDim.x) {
     const int t = i / p.rpb, c = i % p.rpb;   // neighbouring threads read neighbouring rows of x

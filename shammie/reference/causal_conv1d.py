@@ -14,6 +14,31 @@ def causal_conv1d_reference(x, weight, bias=None, activation=None):
     return F.silu(out) if activation in ("silu", "swish") else out
 
 
+def sequence_runs(seq_idx_row):
+    """(start, end) of each run of equal consecutive ids in a 1-D seq_idx: the packed sequences."""
+    ids = seq_idx_row.tolist()
+    starts = [0] + [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]]
+    return list(zip(starts, starts[1:] + [len(ids)]))
+
+
+def causal_conv1d_packed_reference(x, weight, bias, seq_idx, activation=None, initial_states=None):
+    """Packed sequences as what they mean: each run of equal seq_idx convolved on its own from zeros
+    (the first run of a row from initial_states when given), concatenated."""
+    rows = []
+    for b in range(x.shape[0]):
+        parts = []
+        for start, end in sequence_runs(seq_idx[b]):
+            piece = x[b : b + 1, :, start:end]
+            if start == 0 and initial_states is not None:
+                history = initial_states.shape[-1]
+                piece = torch.cat([initial_states[b : b + 1], piece], dim=-1)
+                parts.append(causal_conv1d_reference(piece, weight, bias, activation)[..., history:])
+            else:
+                parts.append(causal_conv1d_reference(piece, weight, bias, activation))
+        rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(rows, dim=0)
+
+
 def causal_conv1d_update_reference(x, conv_state, weight, bias=None, activation=None):
     """Returns (out, new_state) without touching conv_state."""
     squeeze = x.dim() == 2

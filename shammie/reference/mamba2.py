@@ -47,3 +47,24 @@ def ssd_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_sta
     if z is not None:
         y = y * F.silu(z.to(math_dtype))
     return y.to(x.dtype), state
+
+
+def ssd_scan_packed_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                              dt_limit=(0.0, math.inf), seq_idx=None):
+    """Packed sequences as what they mean: each run of equal seq_idx scanned on its own from a zero state
+    (a row's first run from initial_states), outputs concatenated; the final state is each row's last
+    run's. Differentiable through the slicing."""
+    from shammie.reference.causal_conv1d import sequence_runs
+
+    outs, states = [], []
+    for b in range(x.shape[0]):
+        row = lambda t: None if t is None else t[b : b + 1]
+        pieces, state = [], None
+        for start, end in sequence_runs(seq_idx[b]):
+            cut = lambda t: None if t is None else t[b : b + 1, start:end]
+            out, state = ssd_scan_reference(cut(x), cut(dt), A, cut(B), cut(C), D, cut(z), dt_bias,
+                                            row(initial_states) if start == 0 else None, dt_softplus, dt_limit)
+            pieces.append(out)
+        outs.append(torch.cat(pieces, dim=1))
+        states.append(state)
+    return torch.cat(outs), torch.cat(states)
