@@ -21,6 +21,11 @@ SHAPES = {
     "wide-q-r": ((6,), 2, 32, 33, 4, 17, 16),          # q, r ≥ 16: the AXPY forms on CPU
     "more-like": ((2, 17), 4, 4, 64, 4, 64, 4),
     "wide-u": ((3,), 16, 1024, 2, 128, 8, 128),      # k·q = 16384: on CUDA, u lives in global scratch
+    # l dividing or divided by the vector width: the CPU forward's output-order path, with column tails
+    "l=16": ((19,), 8, 4, 8, 16, 3, 2),
+    "l=32": ((7,), 4, 8, 3, 32, 5, 1),
+    "l=8": ((5,), 2, 4, 6, 8, 7, 1),
+    "l=1": ((6,), 3, 2, 5, 1, 40, 6),
     "no-batch": ((), 2, 3, 4, 3, 5, 2),
     "empty-batch": ((0,), 2, 3, 4, 3, 5, 2),
     "empty-inner-batch": ((3, 0), 2, 3, 4, 3, 5, 2),
@@ -62,7 +67,7 @@ def test_forward_backward_match_reference(name, dtype, device):
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
-@pytest.mark.parametrize("name", ["odd", "wide-q-r", "more-like"])
+@pytest.mark.parametrize("name", ["odd", "wide-q-r", "more-like", "l=16", "l=32"])
 def test_every_cpu_instruction_set_copy(name, isa, monkeypatch):
     # SHAMMIE_CPU_ISA caps the copy used; a processor without the ISA falls back to a lower one.
     monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)

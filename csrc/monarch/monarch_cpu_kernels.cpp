@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_convert.h"
 #include "common/cpu_isa.h"
 #include "monarch/monarch.h"
 
@@ -105,9 +106,9 @@ inline void axpy_block(int64_t K, const acc_t* coef, int64_t coef_a, int64_t coe
     out_t* o = out + u * out_row;
     if (out_j == 1) {
 #pragma omp simd
-      for (int v = 0; v < n; ++v) o[v] = static_cast<out_t>(acc[u][v]);
+      for (int v = 0; v < n; ++v) o[v] = to_storage<out_t>(acc[u][v]);
     } else {
-      for (int v = 0; v < n; ++v) o[v * out_j] = static_cast<out_t>(acc[u][v]);
+      for (int v = 0; v < n; ++v) o[v * out_j] = to_storage<out_t>(acc[u][v]);
     }
   }
 }
@@ -141,31 +142,43 @@ inline void tokens_axpy_rows(int64_t tokens, int64_t cols, int64_t K, const acc_
 }
 
 // g[o·g_row + j] += Σ_t a[o·a_row + t·a_t] · b[t·b_row + j]   for o < rows, j < cols, t < tokens:
-// a weight gradient's share from one tile, R rows × L columns of accumulators held over the
-// tile's tokens (no horizontal sums).
-template <typename acc_t, int R>
-inline void outer_block(int64_t tokens, int64_t cols, const acc_t* a, int64_t a_row, int64_t a_t,
-                        const acc_t* b, int64_t b_row, acc_t* g, int64_t g_row) {
-  constexpr int L = kLanes<acc_t>;
-  int64_t j0 = 0;
-  for (; j0 + L <= cols; j0 += L) {
-    acc_t acc[R][L];
+// a weight gradient's share from one tile, R rows × W columns of accumulators held over the
+// tile's tokens (no horizontal sums), for the columns [j0, j0 + W·⌊(cols − j0)/W⌋); returns where it
+// stopped. R·W/L independent sums keep the FMA units busy.
+template <typename acc_t, int R, int W>
+inline int64_t outer_block(int64_t tokens, int64_t j0, int64_t cols, const acc_t* a, int64_t a_row, int64_t a_t,
+                           const acc_t* b, int64_t b_row, acc_t* g, int64_t g_row) {
+  for (; j0 + W <= cols; j0 += W) {
+    acc_t acc[R][W];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma omp simd
-      for (int v = 0; v < L; ++v) acc[r][v] = g[r * g_row + j0 + v];
+      for (int v = 0; v < W; ++v) acc[r][v] = g[r * g_row + j0 + v];
     for (int64_t t = 0; t < tokens; ++t) {
       const acc_t* bt = b + t * b_row + j0;
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const acc_t av = a[r * a_row + t * a_t];
 #pragma omp simd
-        for (int v = 0; v < L; ++v) acc[r][v] += av * bt[v];
+        for (int v = 0; v < W; ++v) acc[r][v] += av * bt[v];
       }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma omp simd
-      for (int v = 0; v < L; ++v) g[r * g_row + j0 + v] = acc[r][v];
+      for (int v = 0; v < W; ++v) g[r * g_row + j0 + v] = acc[r][v];
   }
-  for (int r = 0; r < R; ++r)  // column tail
+  return j0;
+}
+
+// R rows: blocks of two vectors of columns, then one, then the scalar tail.
+template <typename acc_t, int R>
+inline void outer_rows(int64_t tokens, int64_t cols, const acc_t* a, int64_t a_row, int64_t a_t, const acc_t* b,
+                       int64_t b_row, acc_t* g, int64_t g_row) {
+  constexpr int L = kLanes<acc_t>;
+  int64_t j0 = outer_block<acc_t, R, 2 * L>(tokens, 0, cols, a, a_row, a_t, b, b_row, g, g_row);
+  j0 = outer_block<acc_t, R, L>(tokens, j0, cols, a, a_row, a_t, b, b_row, g, g_row);
+  for (int r = 0; r < R; ++r)
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t j = j0; j < cols; ++j) g[r * g_row + j] += a[r * a_row + t * a_t] * b[t * b_row + j];
 }
@@ -175,10 +188,15 @@ inline void accumulate_outer(int64_t rows, int64_t tokens, int64_t cols, const a
                              int64_t a_row, int64_t a_t, const acc_t* b, int64_t b_row, acc_t* g,
                              int64_t g_row) {
   int64_t o = 0;
-  for (; o + 4 <= rows; o += 4)
-    outer_block<acc_t, 4>(tokens, cols, a + o * a_row, a_row, a_t, b, b_row, g + o * g_row, g_row);
+  if (rows % 4 == 0 && rows <= 16)   // MoRe's few rows (q, r = 4, 8): whole blocks of 4
+    for (; o < rows; o += 4)
+      outer_rows<acc_t, 4>(tokens, cols, a + o * a_row, a_row, a_t, b, b_row, g + o * g_row, g_row);
+  for (; o + 6 <= rows; o += 6)
+    outer_rows<acc_t, 6>(tokens, cols, a + o * a_row, a_row, a_t, b, b_row, g + o * g_row, g_row);
+  for (; o + 2 <= rows; o += 2)
+    outer_rows<acc_t, 2>(tokens, cols, a + o * a_row, a_row, a_t, b, b_row, g + o * g_row, g_row);
   for (; o < rows; ++o)
-    outer_block<acc_t, 1>(tokens, cols, a + o * a_row, a_row, a_t, b, b_row, g + o * g_row, g_row);
+    outer_rows<acc_t, 1>(tokens, cols, a + o * a_row, a_row, a_t, b, b_row, g + o * g_row, g_row);
 }
 
 // Token-major rows converted to acc_t: dst[t·width + j] = src[t·src_row + j].
@@ -188,7 +206,7 @@ inline void convert_rows(const scalar_t* src, int64_t src_row, int64_t tokens, i
   for (int64_t t = 0; t < tokens; ++t) {
     const scalar_t* row = src + t * src_row;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) dst[t * width + j] = static_cast<acc_t>(row[j]);
+    for (int64_t j = 0; j < width; ++j) dst[t * width + j] = from_storage<acc_t>(row[j]);
   }
 }
 
@@ -201,15 +219,28 @@ inline void group_by_block(const Dims& d, const scalar_t* y, int64_t y_row, int6
     acc_t* out = grouped + t * d.out();
     for (int64_t m = 0; m < d.s; ++m)
       for (int64_t c = 0; c < d.l; ++c)
-        out[c * d.s + m] = static_cast<acc_t>(row[monarch::y_index_of_v(c, m, d.l)]);
+        out[c * d.s + m] = from_storage<acc_t>(row[monarch::y_index_of_v(c, m, d.l)]);
   }
 }
 
+// Columns of y per step of the second factor in y's order: two vectors.
+template <typename acc_t>
+constexpr int kOutputStep = 2 * kLanes<acc_t>;
+
+// Whether the second factor can run in y's own order (see second_factor_in_output_order): the
+// shuffle's period l and the step divide one another, so that the z values a step of y needs are
+// consecutive values of u (l a multiple of the step), or one short pattern repeated (l divides it).
+template <typename acc_t>
+bool output_order(const Dims& d) {
+  return d.l % kOutputStep<acc_t> == 0 || kOutputStep<acc_t> % d.l == 0;
+}
+
 // Weights in acc_t, in both orientations so that every product runs along contiguous rows:
-// W1 as [i][a][j] and [i][j][a], W2 as [c][m][a] and [c][a][m].
+// W1 as [i][a][j] and [i][j][a], W2 as [c][m][a] and [c][a][m]; and W2 in y's order,
+// w2o[a][m·l + c] = W2[c, m, a], when the forward can use it.
 template <typename scalar_t, typename acc_t>
 struct Weights {
-  std::vector<acc_t> w1, w1t, w2, w2t;
+  std::vector<acc_t> w1, w1t, w2, w2t, w2o;
   Weights(const at::Tensor& w1_in, const at::Tensor& w2_in, const Dims& d)
       : w1(w1_in.const_data_ptr<scalar_t>(), w1_in.const_data_ptr<scalar_t>() + w1_in.numel()),
         w1t(w1.size()),
@@ -221,8 +252,82 @@ struct Weights {
     for (int64_t c = 0; c < d.l; ++c)
       for (int64_t m = 0; m < d.s; ++m)
         for (int64_t a = 0; a < d.r; ++a) w2t[(c * d.r + a) * d.s + m] = w2[(c * d.s + m) * d.r + a];
+    if (output_order<acc_t>(d)) {
+      w2o.resize(w2.size());
+      for (int64_t c = 0; c < d.l; ++c)
+        for (int64_t m = 0; m < d.s; ++m)
+          for (int64_t a = 0; a < d.r; ++a)
+            w2o[a * d.out() + monarch::y_index_of_v(c, m, d.l)] = w2[(c * d.s + m) * d.r + a];
+    }
   }
 };
+
+// y[t, j] = Σ_a w2o[a, j] · u[t, a·l + j mod l] for one tile: the second factor with the shuffle
+// folded into w2o, so y is written in contiguous vectors (not one scalar store per element at
+// stride l). The z values of a step of V columns, u[a·l + (j0 + v) mod l], are u[a·l + j0 mod l + v]
+// when l is a multiple of V (z_moves), else (l divides V) a pattern of l values repeated, the same
+// for every j0, staged once per token (V values long). U tokens share each load of w2o.
+template <typename acc_t, typename out_t, int U>
+inline void second_factor_block(const Dims& d, const acc_t* w2o, const acc_t* z_src, int64_t z_token,
+                                int64_t z_a, bool z_moves, out_t* y, int64_t y_row) {
+  constexpr int V = kOutputStep<acc_t>;
+  const int64_t out = d.out();
+  int64_t j0 = 0;
+  for (; j0 + V <= out; j0 += V) {
+    const acc_t* z0 = z_src + (z_moves ? j0 % d.l : 0);
+    acc_t acc[U][V];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u)
+#pragma omp simd
+      for (int v = 0; v < V; ++v) acc[u][v] = 0;
+    for (int64_t a = 0; a < d.r; ++a) {
+      const acc_t* wa = w2o + a * out + j0;
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const acc_t* z = z0 + u * z_token + a * z_a;
+#pragma omp simd
+        for (int v = 0; v < V; ++v) acc[u][v] += wa[v] * z[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u)
+#pragma omp simd
+      for (int v = 0; v < V; ++v) y[u * y_row + j0 + v] = to_storage<out_t>(acc[u][v]);
+  }
+  for (; j0 < out; ++j0) {  // tail: fewer than V columns
+    for (int u = 0; u < U; ++u) {
+      acc_t sum = 0;
+      for (int64_t a = 0; a < d.r; ++a) {
+        const int64_t at = z_moves ? j0 % d.l : j0 % V;
+        sum += w2o[a * out + j0] * z_src[u * z_token + a * z_a + at];
+      }
+      y[u * y_row + j0] = to_storage<out_t>(sum);
+    }
+  }
+}
+
+template <typename acc_t, typename out_t>
+inline void second_factor_in_output_order(const Dims& d, const acc_t* w2o, const acc_t* u, int64_t tokens,
+                                          acc_t* pattern, out_t* y, int64_t y_row) {
+  constexpr int V = kOutputStep<acc_t>;
+  const bool z_moves = d.l % V == 0;
+  const acc_t* z_src = u;
+  int64_t z_token = d.mid(), z_a = d.l;
+  if (!z_moves) {  // pattern[t][a][v] = u[t, a·l + v mod l], v < V
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t a = 0; a < d.r; ++a)
+        for (int64_t v0 = 0; v0 < V; v0 += d.l)   // l divides V: whole copies, no modulo per value
+          std::copy_n(u + t * d.mid() + a * d.l, d.l, pattern + (t * d.r + a) * V + v0);
+    z_src = pattern;
+    z_token = d.r * V;
+    z_a = V;
+  }
+  int64_t t = 0;
+  for (; t + 4 <= tokens; t += 4)
+    second_factor_block<acc_t, out_t, 4>(d, w2o, z_src + t * z_token, z_token, z_a, z_moves, y + t * y_row, y_row);
+  for (; t < tokens; ++t)
+    second_factor_block<acc_t, out_t, 1>(d, w2o, z_src + t * z_token, z_token, z_a, z_moves, y + t * y_row, y_row);
+}
 
 // x's rows for one tile as acc_t: x itself when it already is, else a converted copy.
 template <typename scalar_t, typename acc_t>
@@ -270,15 +375,20 @@ void forward_typed(const monarch::ForwardArgs& args) {
   const int64_t z_step = monarch::u_index_of_z(0, 1, d.l) - monarch::u_index_of_z(0, 0, d.l);
   const int64_t v_step = monarch::y_index_of_v(0, 1, d.l) - monarch::y_index_of_v(0, 0, d.l);
 
+  const bool in_output_order = output_order<acc_t>(d);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x_buf(std::is_same_v<scalar_t, acc_t> ? 0 : T * d.n());
-    std::vector<acc_t> u(T * d.mid());
+    std::vector<acc_t> u(T * d.mid()), pattern(in_output_order ? T * d.r * kOutputStep<acc_t> : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * T, tokens = std::min<int64_t>(T, d.tokens - t0);
       int64_t xr = 0;
       const acc_t* xt = tile_x(x + t0 * x_row, x_row, tokens, d.n(), x_buf, xr);
       tile_u(d, w, xt, xr, tokens, u.data());
-      // y[m·l + c] = v_c[m] = Σ_a z_c[a] · W2[c, m, a], written through the shuffle.
+      if (in_output_order) {
+        second_factor_in_output_order(d, w.w2o.data(), u.data(), tokens, pattern.data(), y + t0 * y_row, y_row);
+        continue;
+      }
+      // Other l: y[m·l + c] = v_c[m] = Σ_a z_c[a] · W2[c, m, a], written through the shuffle.
       for (int64_t c = 0; c < d.l; ++c)
         tokens_axpy_rows(tokens, d.s, d.r, u.data() + monarch::u_index_of_z(c, 0, d.l), z_step,
                          d.mid(), w.w2t.data() + c * d.r * d.s, d.s,
