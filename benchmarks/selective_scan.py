@@ -70,6 +70,12 @@ def _hf_scan(use_mambapy: bool):
         raise RuntimeError("transformers' mamba_selective_scan is patched; benchmark outside use_shammie_kernels()")
 
     def scan(u, delta, A, B, C, D, z, delta_bias):
+        if u.dtype in (torch.float16, torch.bfloat16):
+            # Its torch path multiplies the float32 state by C in C's dtype and fails on 16-bit
+            # activations: time it on float32 copies (the conversions are a small part), cast back.
+            up = lambda t: t.float()
+            return fn(up(u), up(delta), A, up(B), up(C), D, up(z), delta_bias, delta_softplus=True,
+                      use_mambapy=use_mambapy).to(u.dtype)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, use_mambapy=use_mambapy)
 
     return scan

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "causal_conv1d/causal_conv1d.h"
+#include "common/cpu_convert.h"
 #include "common/cpu_isa.h"
 
 SHAMMIE_CPU_TARGET_BEGIN
@@ -26,9 +27,9 @@ inline void stage_row(const scalar_t* src, int64_t stride, int64_t n, int64_t le
   std::fill(dst, dst + lead, acc_t(0));
   if (stride == 1) {
 #pragma omp simd
-    for (int64_t t = 0; t < n; ++t) dst[lead + t] = static_cast<acc_t>(src[t]);
+    for (int64_t t = 0; t < n; ++t) dst[lead + t] = from_storage<acc_t>(src[t]);
   } else {
-    for (int64_t t = 0; t < n; ++t) dst[lead + t] = static_cast<acc_t>(src[t * stride]);
+    for (int64_t t = 0; t < n; ++t) dst[lead + t] = from_storage<acc_t>(src[t * stride]);
   }
 }
 
@@ -104,9 +105,9 @@ void forward_typed(const ForwardArgs& a) {
       scalar_t* o = out + row * L;
       if (a.silu) {
 #pragma omp simd
-        for (int64_t t = 0; t < L; ++t) o[t] = static_cast<scalar_t>(activate(pre[t], true));
+        for (int64_t t = 0; t < L; ++t) o[t] = to_storage<scalar_t>(activate(pre[t], true));
       } else {
-        for (int64_t t = 0; t < L; ++t) o[t] = static_cast<scalar_t>(pre[t]);
+        for (int64_t t = 0; t < L; ++t) o[t] = to_storage<scalar_t>(pre[t]);
       }
     }
   });
@@ -175,7 +176,7 @@ void backward_typed(const BackwardArgs& args) {
         }
       }
       scalar_t* o = gx + row * L;
-      for (int64_t t = 0; t < L; ++t) o[t] = static_cast<scalar_t>(pre[t]);
+      for (int64_t t = 0; t < L; ++t) o[t] = to_storage<scalar_t>(pre[t]);
     }
   });
 
@@ -185,11 +186,11 @@ void backward_typed(const BackwardArgs& args) {
     for (int64_t d = begin; d < end; ++d) {
       acc_t bias_sum = 0;
       for (int64_t b = 0; b < a.batch; ++b) bias_sum += gb_rows[b * a.dim + d];
-      gb[d] = static_cast<scalar_t>(bias_sum);
+      gb[d] = to_storage<scalar_t>(bias_sum);
       for (int64_t w = 0; w < W; ++w) {
         acc_t sum = 0;
         for (int64_t b = 0; b < a.batch; ++b) sum += gw_rows[(b * a.dim + d) * W + w];
-        gw[d * W + w] = static_cast<scalar_t>(sum);
+        gw[d * W + w] = to_storage<scalar_t>(sum);
       }
     }
   });
@@ -209,12 +210,12 @@ void update_typed(const UpdateArgs& a) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / a.dim, d = row % a.dim;
       scalar_t* st = state + b * ss.batch + d * ss.dim;
-      for (int64_t i = 0; i < S; ++i) seq[i] = static_cast<acc_t>(st[i * ss.time]);
-      for (int64_t i = 0; i < n; ++i) seq[S + i] = static_cast<acc_t>(x[b * xs.batch + d * xs.dim + i * xs.time]);
+      for (int64_t i = 0; i < S; ++i) seq[i] = from_storage<acc_t>(st[i * ss.time]);
+      for (int64_t i = 0; i < n; ++i) seq[S + i] = from_storage<acc_t>(x[b * xs.batch + d * xs.dim + i * xs.time]);
       // out[i] reads seq[S + i − lag(w)]; the window starts at S − (W − 1) ≥ 0.
       window(seq.data() + S - (W - 1), params.weight.data() + d * W, W, params.bias[d], n, pre.data());
-      for (int64_t i = 0; i < n; ++i) out[row * n + i] = static_cast<scalar_t>(activate(pre[i], a.silu));
-      for (int64_t i = 0; i < S; ++i) st[i * ss.time] = static_cast<scalar_t>(seq[n + i]);
+      for (int64_t i = 0; i < n; ++i) out[row * n + i] = to_storage<scalar_t>(activate(pre[i], a.silu));
+      for (int64_t i = 0; i < S; ++i) st[i * ss.time] = to_storage<scalar_t>(seq[n + i]);
     }
   });
 }

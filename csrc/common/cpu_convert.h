@@ -17,8 +17,9 @@ inline out_t to_storage(acc_t v) {
   if constexpr (std::is_same_v<out_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
     const uint32_t bits = std::bit_cast<uint32_t>(v);
     const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+    // All ones for a NaN: bit arithmetic, not a ?: that GCC may keep as a branch.
+    const uint32_t nan = 0u - static_cast<uint32_t>((bits & 0x7FFFFFFFu) > 0x7F800000u);
+    return c10::BFloat16(static_cast<uint16_t>((rounded & ~nan) | (0x7FC0u & nan)), c10::BFloat16::from_bits());
   } else {
     return static_cast<out_t>(v);
   }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "common/cpu_convert.h"
 #include "common/cpu_isa.h"
 #include "selective_scan/selective_state_update.h"
 #include "selective_scan/ssm_math.h"
@@ -44,31 +45,33 @@ void update_typed(const ssm::StateUpdateArgs& a) {
       const int64_t count = std::min(kChannelBlock, HP - c0), r0 = b * HP + c0;
       if (a.softplus) {
 #pragma omp simd
-        for (int64_t i = 0; i < count; ++i) steps[i] = ssm::step_size(acc_t(dt[r0 + i]), dt_bias[c0 + i], true);
+        for (int64_t i = 0; i < count; ++i) steps[i] = ssm::step_size(from_storage<acc_t>(dt[r0 + i]), dt_bias[c0 + i], true);
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < count; ++i) steps[i] = acc_t(dt[r0 + i]) + dt_bias[c0 + i];
+        for (int64_t i = 0; i < count; ++i) steps[i] = from_storage<acc_t>(dt[r0 + i]) + dt_bias[c0 + i];
       }
       for (int64_t i = 0; i < count; ++i) {
         const int64_t channel = c0 + i, h = channel / P, p = channel % P, g = h / heads_per_group;
-        const acc_t xv = acc_t(x[r0 + i]), step = steps[i];
+        const acc_t xv = from_storage<acc_t>(x[r0 + i]), step = steps[i];
         const acc_t* a_row = A + channel * N;
         const scalar_t* b_row = B + (b * a.groups + g) * N;
         const scalar_t* c_row = C + (b * a.groups + g) * N;
         state_t* s = state + b * sb + h * sh + p * sp;
         acc_t y = 0;
         if (sn == 1) {   // the usual layout: a unit-stride loop the compiler vectorizes
-#pragma omp simd reduction(+ : y)
+          // simdlen: with 16-bit inputs GCC would otherwise pick 32 iterations per step, more than
+          // Mamba-1's N = 16, and run only the scalar remainder.
+#pragma omp simd simdlen(16) reduction(+ : y)
           for (int64_t n = 0; n < N; ++n) {
-            const acc_t hn = ssm::state_step(acc_t(s[n]), step, a_row[n], acc_t(b_row[n]), xv);
-            s[n] = state_t(hn);
-            y += hn * acc_t(c_row[n]);
+            const acc_t hn = ssm::state_step(from_storage<acc_t>(s[n]), step, a_row[n], from_storage<acc_t>(b_row[n]), xv);
+            s[n] = to_storage<state_t>(hn);
+            y += hn * from_storage<acc_t>(c_row[n]);
           }
         } else {
           for (int64_t n = 0; n < N; ++n) {
-            const acc_t hn = ssm::state_step(acc_t(s[n * sn]), step, a_row[n], acc_t(b_row[n]), xv);
-            s[n * sn] = state_t(hn);
-            y += hn * acc_t(c_row[n]);
+            const acc_t hn = ssm::state_step(from_storage<acc_t>(s[n * sn]), step, a_row[n], from_storage<acc_t>(b_row[n]), xv);
+            s[n * sn] = to_storage<state_t>(hn);
+            y += hn * from_storage<acc_t>(c_row[n]);
           }
         }
         ys[i] = y;
@@ -76,10 +79,10 @@ void update_typed(const ssm::StateUpdateArgs& a) {
       if (z) {
 #pragma omp simd
         for (int64_t i = 0; i < count; ++i)
-          out[r0 + i] = scalar_t(ssm::gate(ys[i] + D[c0 + i] * acc_t(x[r0 + i]), acc_t(z[r0 + i])));
+          out[r0 + i] = to_storage<scalar_t>(ssm::gate(ys[i] + D[c0 + i] * from_storage<acc_t>(x[r0 + i]), from_storage<acc_t>(z[r0 + i])));
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < count; ++i) out[r0 + i] = scalar_t(ys[i] + D[c0 + i] * acc_t(x[r0 + i]));
+        for (int64_t i = 0; i < count; ++i) out[r0 + i] = to_storage<scalar_t>(ys[i] + D[c0 + i] * from_storage<acc_t>(x[r0 + i]));
       }
     }
   });
