@@ -6,7 +6,9 @@
 
 #include "common/cpu_isa.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+// GCC 11 / Clang 12 and later know the avx512bf16 target and __builtin_cpu_supports("avx512bf16").
+#if (defined(__x86_64__) || defined(_M_X64)) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define SHAMMIE_HAS_BF16_DOT 1
 #include <immintrin.h>
 #define SHAMMIE_BF16_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
@@ -125,7 +127,7 @@ void gemm(const c10::BFloat16* x, int64_t rows, int64_t K, const uint32_t* packe
   gemm_avx512(reinterpret_cast<const uint16_t*>(x), rows, K, packed, n, out);
 }
 
-#else  // no x86-64 GCC/Clang: never available, and the callers never reach these.
+#else  // not x86-64, or an older compiler: never available, and the callers never reach these.
 
 bool available() { return false; }
 void pack(const c10::BFloat16*, int64_t, const int64_t*, int64_t, int64_t, int64_t, uint32_t*) {}
