@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "common/cpu_isa.h"
-#include "frechet/bf16_dot_gemm.h"
+#include "common/bf16_dot.h"
 #include "shammie_build_info.h"
 
 TORCH_LIBRARY(shammie, m) {}
@@ -25,6 +25,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("build_info") = info;
   m.def("cpu_isa", [] { return shammie::cpu_isa_name(shammie::cpu_isa()); },
         "The CPU kernel copy that runs on this processor (capped by SHAMMIE_CPU_ISA).");
-  m.def("cpu_bf16_dot", [] { return shammie::frechet::bf16_dot::available(); },
+  m.def("cpu_bf16_dot", [] { return shammie::bf16_dot::available(); },
         "Whether bf16 Fréchet search runs on AVX512-BF16 dot products here (capped by SHAMMIE_CPU_ISA).");
 }

@@ -111,7 +111,7 @@ def test_ties_go_to_the_lowest_index(device, dtype):
 @pytest.mark.parametrize("kind", ["all", "ids"])
 @pytest.mark.parametrize("K", [1, 2, 999, 1000])
 def test_bf16_on_every_cpu_path(isa, kind, K, monkeypatch):
-    # bf16 runs on AVX512-BF16 dot products where the processor has them (csrc/frechet/bf16_dot_gemm.h),
+    # bf16 runs on AVX512-BF16 dot products where the processor has them (csrc/common/bf16_dot.h),
     # else through fp32 MKL; SHAMMIE_CPU_ISA=base forces the latter. Row counts and label counts leave
     # tails of both micro-tiles (6 rows, 64 columns) and of the 16-column padding.
     monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)

@@ -52,6 +52,19 @@ def reference_with_grads(inputs, grad, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_forward_backward_match_reference(name, dtype, device):
+    check_against_reference(name, dtype, device)
+
+
+@pytest.mark.parametrize("isa", ["base", "avx512"])
+@pytest.mark.parametrize("name", ["odd", "more-like", "l=16", "square-blocks"])
+def test_bf16_with_and_without_bf16_dot_products(name, isa, monkeypatch):
+    # bf16 u comes from AVX512-BF16 dot products where the processor has them (narrow q), else from
+    # fp32 copies; SHAMMIE_CPU_ISA=base forces the latter. p = 7 and 64 leave masked tails.
+    monkeypatch.setenv("SHAMMIE_CPU_ISA", isa)
+    check_against_reference(name, torch.bfloat16, "cpu")
+
+
+def check_against_reference(name, dtype, device):
     inputs = make_inputs(SHAPES[name], dtype, device)
     leaves = [t.clone().requires_grad_() for t in inputs]
     out = shammie.blockdiag_butterfly_multiply(*leaves)

@@ -7,7 +7,7 @@
 // converted to the accumulation type), and for each of its row tiles computes the (kTileB × kTileN)
 // scores with one GEMM (MKL / oneDNN through at::mm_out, single-threaded inside the parallel
 // region) into a per-thread buffer that stays in cache, then folds them into the rows' running
-// top-k. bf16 on a processor with AVX512-BF16 instead packs the slab for bf16_dot_gemm.h, which
+// top-k. bf16 on a processor with AVX512-BF16 instead packs the slab for common/bf16_dot.h, which
 // computes the same fp32 sums about twice as fast as converting to fp32 for MKL. Each group's top-k
 // lists are merged at the end; since (key, label) is a total order the result does not depend on the
 // number of threads. Extra memory: a score tile and a slab per thread, and the (groups × B × k)
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
-#include "frechet/bf16_dot_gemm.h"
+#include "common/bf16_dot.h"
 #include "frechet/frechet.h"
 
 SHAMMIE_CPU_TARGET_BEGIN

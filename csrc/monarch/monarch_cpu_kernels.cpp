@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/bf16_dot.h"
 #include "common/cpu_convert.h"
 #include "common/cpu_isa.h"
 #include "monarch/monarch.h"
@@ -361,6 +362,22 @@ inline void tile_u(const Dims& d, const Weights<scalar_t, acc_t>& w, const acc_t
   }
 }
 
+// bf16 inputs with the first factor in dot form (narrow q) on a processor with AVX512-BF16: u comes
+// from bf16 dot-product instructions on x and W1 as they lie (common/bf16_dot.h), not from fp32 copies.
+template <typename scalar_t>
+bool bf16_first_factor(const Dims& d) {
+  return std::is_same_v<scalar_t, c10::BFloat16> && d.q < kWideOutput<float> && bf16_dot::available();
+}
+
+// u[t·(k·q) + i·q + a] = Σ_j W1[i, a, j] · x[t, i·p + j] for one tile, from bf16 x and W1.
+template <typename scalar_t, typename acc_t>
+void tile_u_bf16(const Dims& d, const scalar_t* w1, const scalar_t* x, int64_t x_row, int64_t tokens, acc_t* u) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    for (int64_t i = 0; i < d.k; ++i)
+      bf16_dot::dot_rows(w1 + i * d.q * d.p, d.p, d.q, x + i * d.p, x_row, tokens, d.p, u + i * d.q, 1, d.mid());
+  }
+}
+
 template <typename scalar_t>
 void forward_typed(const monarch::ForwardArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -376,14 +393,20 @@ void forward_typed(const monarch::ForwardArgs& args) {
   const int64_t v_step = monarch::y_index_of_v(0, 1, d.l) - monarch::y_index_of_v(0, 0, d.l);
 
   const bool in_output_order = output_order<acc_t>(d);
+  const bool bf16_u = bf16_first_factor<scalar_t>(d);
+  const scalar_t* w1 = args.w1.const_data_ptr<scalar_t>();
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> x_buf(std::is_same_v<scalar_t, acc_t> ? 0 : T * d.n());
+    std::vector<acc_t> x_buf(std::is_same_v<scalar_t, acc_t> || bf16_u ? 0 : T * d.n());
     std::vector<acc_t> u(T * d.mid()), pattern(in_output_order ? T * d.r * kOutputStep<acc_t> : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * T, tokens = std::min<int64_t>(T, d.tokens - t0);
-      int64_t xr = 0;
-      const acc_t* xt = tile_x(x + t0 * x_row, x_row, tokens, d.n(), x_buf, xr);
-      tile_u(d, w, xt, xr, tokens, u.data());
+      if (bf16_u) {
+        tile_u_bf16(d, w1, x + t0 * x_row, x_row, tokens, u.data());
+      } else {
+        int64_t xr = 0;
+        const acc_t* xt = tile_x(x + t0 * x_row, x_row, tokens, d.n(), x_buf, xr);
+        tile_u(d, w, xt, xr, tokens, u.data());
+      }
       if (in_output_order) {
         second_factor_in_output_order(d, w.w2o.data(), u.data(), tokens, pattern.data(), y + t0 * y_row, y_row);
         continue;
@@ -410,6 +433,8 @@ void backward_typed(const monarch::BackwardArgs& args) {
   const int64_t gx_row = args.grad_x.stride(0);
   const int64_t tiles = (d.tokens + T - 1) / T;
   const int64_t w1_size = d.k * d.q * d.p, w2_size = d.l * d.s * d.r;
+  const bool bf16_u = bf16_first_factor<scalar_t>(d);
+  const scalar_t* w1 = args.w1.const_data_ptr<scalar_t>();
 
   // One weight-gradient accumulator per chunk of tiles (not per thread), so the result does not
   // depend on scheduling: chunk boundaries depend only on the sizes and the thread count.
@@ -429,7 +454,10 @@ void backward_typed(const monarch::BackwardArgs& args) {
         const int64_t t0 = tile * T, tokens = std::min<int64_t>(T, d.tokens - t0);
         int64_t xr = 0;
         const acc_t* xt = tile_x(x + t0 * x_row, x_row, tokens, d.n(), x_buf, xr);
-        tile_u(d, w, xt, xr, tokens, u.data());  // recomputed, not saved by the forward
+        if (bf16_u)   // recomputed, not saved by the forward
+          tile_u_bf16(d, w1, x + t0 * x_row, x_row, tokens, u.data());
+        else
+          tile_u(d, w, xt, xr, tokens, u.data());
         group_by_block(d, gy + t0 * gy_row, gy_row, tokens, gv.data());  // gv[t][c·s + m]
         for (int64_t c = 0; c < d.l; ++c) {
           const acc_t* gv_c = gv.data() + c * d.s;

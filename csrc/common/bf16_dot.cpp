@@ -1,6 +1,6 @@
-// AVX512-BF16 GEMM tile (see bf16_dot_gemm.h). Compiled once; the kernel functions carry their own
+// AVX512-BF16 GEMM tile (see bf16_dot.h). Compiled once; the kernel functions carry their own
 // target attribute and run only after available() has checked the processor.
-#include "frechet/bf16_dot_gemm.h"
+#include "common/bf16_dot.h"
 
 #include <cstring>
 
@@ -14,7 +14,7 @@
 #define SHAMMIE_BF16_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 #endif
 
-namespace shammie::frechet::bf16_dot {
+namespace shammie::bf16_dot {
 
 int64_t padded_columns(int64_t n) { return (n + 15) / 16 * 16; }
 int64_t packed_words(int64_t K, int64_t n) { return (K + 1) / 2 * padded_columns(n); }
@@ -109,6 +109,50 @@ SHAMMIE_BF16_DOT_TARGET void gemm_avx512(const uint16_t* x, int64_t rows, int64_
   }
 }
 
+// R rows × U tokens of dot products over K, 32 bf16 (16 pairs) per step; the last step loads under a
+// mask, so nothing past a row is read. Each sum ends in one horizontal add.
+template <int R, int U>
+SHAMMIE_BF16_DOT_TARGET void dot_block(const uint16_t* w, int64_t w_row, const uint16_t* x, int64_t x_row, int64_t K,
+                                       float* out, int64_t out_o, int64_t out_t) {
+  __m512 acc[R][U];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < K; j += 32) {
+    const __mmask32 m = K - j >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - j)) - 1;
+    __m512bh xv[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) xv[u] = (__m512bh)_mm512_maskz_loadu_epi16(m, x + u * x_row + j);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * w_row + j);
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv, xv[u]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) out[r * out_o + u * out_t] = _mm512_reduce_add_ps(acc[r][u]);
+}
+
+template <int R>
+SHAMMIE_BF16_DOT_TARGET void dot_tokens(const uint16_t* w, int64_t w_row, const uint16_t* x, int64_t x_row,
+                                        int64_t tokens, int64_t K, float* out, int64_t out_o, int64_t out_t) {
+  int64_t t = 0;
+  for (; t + 2 <= tokens; t += 2) dot_block<R, 2>(w, w_row, x + t * x_row, x_row, K, out + t * out_t, out_o, out_t);
+  for (; t < tokens; ++t) dot_block<R, 1>(w, w_row, x + t * x_row, x_row, K, out + t * out_t, out_o, out_t);
+}
+
+SHAMMIE_BF16_DOT_TARGET void dot_rows_avx512(const uint16_t* w, int64_t w_row, int64_t rows, const uint16_t* x,
+                                             int64_t x_row, int64_t tokens, int64_t K, float* out, int64_t out_o,
+                                             int64_t out_t) {
+  int64_t o = 0;
+  for (; o + 4 <= rows; o += 4) dot_tokens<4>(w + o * w_row, w_row, x, x_row, tokens, K, out + o * out_o, out_o, out_t);
+  for (; o < rows; ++o) dot_tokens<1>(w + o * w_row, w_row, x, x_row, tokens, K, out + o * out_o, out_o, out_t);
+}
+
 }  // namespace
 
 bool available() {
@@ -127,12 +171,20 @@ void gemm(const c10::BFloat16* x, int64_t rows, int64_t K, const uint32_t* packe
   gemm_avx512(reinterpret_cast<const uint16_t*>(x), rows, K, packed, n, out);
 }
 
+void dot_rows(const c10::BFloat16* w, int64_t w_row, int64_t rows, const c10::BFloat16* x, int64_t x_row,
+              int64_t tokens, int64_t K, float* out, int64_t out_o, int64_t out_t) {
+  dot_rows_avx512(reinterpret_cast<const uint16_t*>(w), w_row, rows, reinterpret_cast<const uint16_t*>(x), x_row,
+                  tokens, K, out, out_o, out_t);
+}
+
 #else  // not x86-64, or an older compiler: never available, and the callers never reach these.
 
 bool available() { return false; }
 void pack(const c10::BFloat16*, int64_t, const int64_t*, int64_t, int64_t, int64_t, uint32_t*) {}
 void gemm(const c10::BFloat16*, int64_t, int64_t, const uint32_t*, int64_t, float*) {}
+void dot_rows(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t, int64_t, float*, int64_t,
+              int64_t) {}
 
 #endif
 
-}  // namespace shammie::frechet::bf16_dot
+}  // namespace shammie::bf16_dot
