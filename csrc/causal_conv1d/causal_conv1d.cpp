@@ -122,7 +122,9 @@ TORCH_LIBRARY_IMPL(shammie, CPU, m) {
   });
   m.impl("causal_conv1d_backward",
          [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-            bool silu, const std::optional<at::Tensor>& seq) { return conv1d::backward(g, x, w, b, silu, seq, backward_cpu); });
+            bool silu, const std::optional<at::Tensor>& seq) {
+           return conv1d::backward(g, x, w, b, silu, seq, backward_cpu);
+         });
   m.impl("causal_conv1d_update",
          [](const at::Tensor& x, const at::Tensor& state, const at::Tensor& w,
             const std::optional<at::Tensor>& b, bool silu) { return conv1d::update(x, state, w, b, silu, update_cpu); });

@@ -1,5 +1,6 @@
-// AVX512-BF16 GEMM tile (see bf16_dot.h). Compiled once; the kernel functions carry their own
-// target attribute and run only after available() has checked the processor.
+// AVX512-BF16 products (see bf16_dot.h): the packed GEMM tile and rows of dot products. Compiled
+// once; the kernel functions carry their own target attribute and run only after available() has
+// checked the processor.
 #include "common/bf16_dot.h"
 
 #include <cstring>
