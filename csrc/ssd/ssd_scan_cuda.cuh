@@ -50,9 +50,7 @@ inline LaunchShape launch_shape(int64_t dstate, int64_t headdim) {
 }
 
 template <typename scalar_t, typename acc_t>
-struct SsdParams : SsdInputs<scalar_t, acc_t> {
-  Layout lay;
-  int64_t batch, L, H, P, G, N, per_group, n_cp;
+struct SsdParams : Layout, SsdInputs<scalar_t, acc_t> {   // Layout: L, H, P, G, N, heads_per_group, n_cp
   int lpr, rpb;
   bool softplus;
   acc_t* checkpoints;       // written by the forward, read by the backward
@@ -87,7 +85,7 @@ __device__ Place place(const Par& p) {
   Place q;
   q.b = bh / p.H;
   q.h = bh % p.H;
-  q.g = q.h / p.per_group;
+  q.g = q.h / p.heads_per_group;
   q.p0 = (blockIdx.x % blocks_per_head) * p.rpb;
   q.c = threadIdx.x / p.lpr;
   q.n = threadIdx.x % p.lpr;
@@ -102,23 +100,23 @@ __device__ Place place(const Par& p) {
 // Index maps of the layouts in ssd_scan.h (ssd::Layout), at this thread's row and state.
 template <typename Par>
 __device__ int64_t x_at(const Par& p, const Place& q, int64_t t, int64_t row) {   // (batch, L, H, P)
-  return p.lay.x_at(q.b, t, q.h) + row;
+  return p.x_at(q.b, t, q.h) + row;
 }
 template <typename Par>
 __device__ int64_t dt_at(const Par& p, const Place& q, int64_t t) {               // (batch, L, H)
-  return p.lay.dt_at(q.b, t, q.h);
+  return p.dt_at(q.b, t, q.h);
 }
 template <typename Par>
 __device__ int64_t bc_at(const Par& p, const Place& q, int64_t t) {               // (batch, L, G, N)
-  return p.lay.bc_at(q.b, t, q.h) + q.n;
+  return p.bc_at(q.b, t, q.h) + q.n;
 }
 template <typename Par>
 __device__ int64_t state_at(const Par& p, const Place& q) {                       // (batch, H, P, N)
-  return p.lay.state_at(q.b, q.h) + q.p * p.N + q.n;
+  return p.state_at(q.b, q.h) + q.p * p.N + q.n;
 }
 template <typename Par>
 __device__ int64_t checkpoint_at(const Par& p, const Place& q, int64_t k) {       // (batch, H, n_cp, P, N)
-  return p.lay.checkpoint_at(q.b, q.h, k) + q.p * p.N + q.n;
+  return p.checkpoint_at(q.b, q.h, k) + q.p * p.N + q.n;
 }
 
 template <typename Par, typename acc_t>
@@ -386,15 +384,7 @@ __global__ void __launch_bounds__(32 * kFinishRows)
 template <typename scalar_t, typename acc_t>
 SsdParams<scalar_t, acc_t> make_params(const SsdArgs& a, const LaunchShape& shape) {
   SsdParams<scalar_t, acc_t> p{};
-  p.lay = layout_of(a);
-  p.batch = a.batch;
-  p.L = a.seqlen;
-  p.H = a.heads;
-  p.P = a.headdim;
-  p.G = a.groups;
-  p.N = a.dstate;
-  p.per_group = a.heads_per_group();
-  p.n_cp = a.checkpoints.size(2);
+  static_cast<Layout&>(p) = layout_of(a);
   p.lpr = shape.lpr;
   p.rpb = shape.rpb;
   p.softplus = a.softplus;
