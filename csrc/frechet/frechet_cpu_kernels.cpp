@@ -92,8 +92,8 @@ template <typename scalar_t>
 void topk_typed(const Args& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   // bf16 through the AVX512-BF16 tile GEMM: x stays bf16 and the slab is packed, not converted.
-  const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && bf16_dot::available();
-  const bool convert = !std::is_same_v<scalar_t, acc_t> && !bf16_dot;
+  const bool use_bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && bf16_dot::available();
+  const bool convert = !std::is_same_v<scalar_t, acc_t> && !use_bf16_dot;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = a.batch, K = a.inner, C = a.count, k = a.k;
   const Split s = split_work(B, C);
@@ -101,7 +101,7 @@ void topk_typed(const Args& a) {
   const scalar_t* bias = a.bias ? a.bias->const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* w = a.w.const_data_ptr<scalar_t>();
   const at::Tensor x = convert ? a.x.to(acc_type) : a.x;   // (B, K): small next to the (K, N) slabs
-  const bool stage = !bf16_dot && (convert || ids);
+  const bool stage = !use_bf16_dot && (convert || ids);
 
   // Partial top-k lists, (groups, B, k).
   std::vector<acc_t> keys(static_cast<size_t>(s.groups * B * k), std::numeric_limits<acc_t>::infinity());
@@ -111,7 +111,7 @@ void topk_typed(const Args& a) {
     const auto opts = at::TensorOptions().dtype(acc_type);
     at::Tensor scores = at::empty({kTileB * kTileN}, opts);
     at::Tensor slab = stage ? at::empty({K * kTileN}, opts) : at::Tensor();
-    at::Tensor packed = bf16_dot ? at::empty({bf16_dot::packed_words(K, kTileN)}, opts.dtype(at::kInt))
+    at::Tensor packed = use_bf16_dot ? at::empty({bf16_dot::packed_words(K, kTileN)}, opts.dtype(at::kInt))
                                  : at::Tensor();
     acc_t* sc = scores.mutable_data_ptr<acc_t>();
     for (int64_t item = begin; item < end; ++item) {
@@ -122,7 +122,7 @@ void topk_typed(const Args& a) {
         const int64_t c0 = t * kTileN, n = std::min(kTileN, C - c0);
         at::Tensor wt;
         int64_t ld = n;  // row stride of the score tile
-        if (bf16_dot) {
+        if (use_bf16_dot) {
           bf16_dot::pack(reinterpret_cast<const c10::BFloat16*>(w), a.labels, ids, c0, K, n,
                          reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>()));
           ld = bf16_dot::padded_columns(n);
@@ -144,7 +144,7 @@ void topk_typed(const Args& a) {
         }
         for (int64_t b0 = r0; b0 < r1; b0 += kTileB) {
           const int64_t rows = std::min(kTileB, r1 - b0);
-          if (bf16_dot) {
+          if (use_bf16_dot) {
             if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
               bf16_dot::gemm(x.const_data_ptr<scalar_t>() + b0 * K, rows, K,
                              reinterpret_cast<const uint32_t*>(packed.const_data_ptr<int32_t>()), n, sc);

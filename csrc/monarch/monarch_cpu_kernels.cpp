@@ -237,12 +237,12 @@ bool output_order(const Dims& d) {
 }
 
 // Weights in acc_t, in both orientations so that every product runs along contiguous rows:
-// W1 as [i][a][j] and [i][j][a], W2 as [c][m][a] and [c][a][m]; and W2 in y's order,
-// w2o[a][m·l + c] = W2[c, m, a], when the forward can use it.
+// W1 as [i][a][j] and [i][j][a], W2 as [c][m][a] and [c][a][m]; and for the forward, when it can use
+// it, W2 in y's order, w2o[a][m·l + c] = W2[c, m, a].
 template <typename scalar_t, typename acc_t>
 struct Weights {
   std::vector<acc_t> w1, w1t, w2, w2t, w2o;
-  Weights(const at::Tensor& w1_in, const at::Tensor& w2_in, const Dims& d)
+  Weights(const at::Tensor& w1_in, const at::Tensor& w2_in, const Dims& d, bool for_forward)
       : w1(w1_in.const_data_ptr<scalar_t>(), w1_in.const_data_ptr<scalar_t>() + w1_in.numel()),
         w1t(w1.size()),
         w2(w2_in.const_data_ptr<scalar_t>(), w2_in.const_data_ptr<scalar_t>() + w2_in.numel()),
@@ -253,7 +253,7 @@ struct Weights {
     for (int64_t c = 0; c < d.l; ++c)
       for (int64_t m = 0; m < d.s; ++m)
         for (int64_t a = 0; a < d.r; ++a) w2t[(c * d.r + a) * d.s + m] = w2[(c * d.s + m) * d.r + a];
-    if (output_order<acc_t>(d)) {
+    if (for_forward && output_order<acc_t>(d)) {
       w2o.resize(w2.size());
       for (int64_t c = 0; c < d.l; ++c)
         for (int64_t m = 0; m < d.s; ++m)
@@ -383,7 +383,7 @@ void forward_typed(const monarch::ForwardArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int T = kTile;
   const Dims d = args.dims;
-  const Weights<scalar_t, acc_t> w(args.w1, args.w2, d);
+  const Weights<scalar_t, acc_t> w(args.w1, args.w2, d, /*for_forward=*/true);
   const scalar_t* x = args.x.const_data_ptr<scalar_t>();
   scalar_t* y = args.y.mutable_data_ptr<scalar_t>();
   const int64_t x_row = args.x.stride(0), y_row = args.y.stride(0);
@@ -425,7 +425,7 @@ void backward_typed(const monarch::BackwardArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int T = kTile;
   const Dims d = args.dims;
-  const Weights<scalar_t, acc_t> w(args.w1, args.w2, d);
+  const Weights<scalar_t, acc_t> w(args.w1, args.w2, d, /*for_forward=*/false);
   const scalar_t* x = args.x.const_data_ptr<scalar_t>();
   const scalar_t* gy = args.grad_y.const_data_ptr<scalar_t>();
   scalar_t* gx = args.grad_x.mutable_data_ptr<scalar_t>();
