@@ -3,6 +3,8 @@ conditions and the same words, so a compiled graph fails as the eager call does.
 
 from __future__ import annotations
 
+import torch
+
 
 def same_dtype(op: str, ref_name: str, ref, named) -> None:
     """Each (name, tensor) of `named` that is not None has ref's dtype."""
@@ -30,7 +32,7 @@ def seq_idx(op: str, ids, ref_name: str, ref, batch: int, seqlen: int) -> None:
     if ids is None:
         return
     same_device(op, ref_name, ref, (("seq_idx", ids),))
-    if str(ids.dtype) not in ("torch.int32", "torch.int64"):
+    if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: seq_idx must be int32 or int64, got {ids.dtype}")
     if tuple(ids.shape) != (batch, seqlen):
         raise ValueError(f"{op}: seq_idx must have shape (batch, seqlen) = ({batch}, {seqlen}), got {tuple(ids.shape)}")

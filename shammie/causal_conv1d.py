@@ -36,8 +36,9 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bias and initial_states.
 
     Packed sequences: `seq_idx` (batch, seqlen), int32 or int64, gives each step's sequence id; a tap
-    reads x only at steps with the output's id, so every sequence starts from zeros. Ids need only
-    differ between neighbouring sequences. `initial_states` then belong to the first sequence.
+    reads x only at steps with the output's id, so every sequence starts from zeros. Ids must be
+    non-decreasing along each row, as mamba_ssm makes them (an id that came back after a short other
+    sequence would be read across it). `initial_states` then belong to the first sequence.
     """
     if isinstance(seq_idx, str):
         raise TypeError("causal_conv1d_fn: seq_idx must be a tensor or None, got a string; pass activation= by "
