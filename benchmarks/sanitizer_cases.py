@@ -64,6 +64,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
             initial_states=f32(batch, H, P, N), dt_softplus=True, return_final_states=True,
             seq_idx=(torch.arange(L, device="cuda") >= L // 3).int().expand(batch, L))   # two packed sequences
         (out.float().sum() + final.sum()).backward()
+    # Each packed sequence's final state (cu_seqlens, batch 1): ends inside and at the end of tiles, an
+    # empty sequence, gradients through the states
+    L, H, P, G, N = 70, 2, 3, 1, 16
+    x = torch.randn(1, L, H, P, device="cuda", dtype=dtype, requires_grad=True)
+    out, varlen = shammie.mamba_chunk_scan_combined(
+        x, torch.randn(1, L, H, device="cuda", dtype=dtype), -torch.rand(H, device="cuda"),
+        torch.randn(1, L, G, N, device="cuda", dtype=dtype), torch.randn(1, L, G, N, device="cuda", dtype=dtype),
+        64, dt_softplus=True, cu_seqlens=torch.tensor([0, 5, 32, 32, 70], device="cuda"), return_varlen_states=True)
+    (out.float().sum() + varlen.sum()).backward()
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     # (B, K, N, k): partial row and label tiles, K not a multiple of the K step, many label groups, k > 1
     for batch, K, N, k in ((1, 7, 50, 1), (70, 33, 900, 3), (129, 64, 4097, 5), (3, 1, 40, 2)):

@@ -36,3 +36,17 @@ def seq_idx(op: str, ids, ref_name: str, ref, batch: int, seqlen: int) -> None:
         raise TypeError(f"{op}: seq_idx must be int32 or int64, got {ids.dtype}")
     if tuple(ids.shape) != (batch, seqlen):
         raise ValueError(f"{op}: seq_idx must have shape (batch, seqlen) = ({batch}, {seqlen}), got {tuple(ids.shape)}")
+
+
+def cu_seqlens(op: str, cu, ref_name: str, ref, batch: int) -> None:
+    """cu_seqlens of packed sequences, if given: (num_seqs + 1,) int32 or int64 on ref's device, batch 1.
+    Its values (0 .. seqlen, non-decreasing) are checked by the kernels' front end."""
+    if cu is None:
+        return
+    same_device(op, ref_name, ref, (("cu_seqlens", cu),))
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{op}: cu_seqlens must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(cu.shape)}")
+    if batch != 1:
+        raise ValueError(f"{op}: cu_seqlens needs batch 1 (sequences packed along seqlen), got batch {batch}")

@@ -12,6 +12,8 @@ algorithm, so it is accepted and checked but does not change the result here.
 
 Packed sequences (`seq_idx`) are a decay of zero at each step whose id differs from the previous
 step's, inside the kernels: no state, and no gradient, crosses from one sequence into the next.
+With `cu_seqlens` the kernels also copy out each sequence's final state (`return_varlen_states`), and
+unlike mamba_ssm's those states have gradients.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from shammie._checks import cu_seqlens as check_cu_seqlens
 from shammie._checks import same_device, same_dtype
 from shammie._checks import seq_idx as check_seq_idx
 from shammie.causal_conv1d import causal_conv1d_fn
@@ -101,14 +104,19 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     Packed sequences: `seq_idx` (batch, seqlen), int32 or int64, non-decreasing along each row as in
     mamba_ssm; a step whose id differs from the previous step's starts from a zero state.
     `initial_states` then start the first sequence, and the final state is the last sequence's.
-    `cu_seqlens` only serves `return_varlen_states` (each sequence's final state), which is not
-    supported: it raises NotImplementedError.
+
+    `cu_seqlens` (num_seqs + 1,), int32 or int64, batch 1, as in mamba_ssm: sequence s is steps
+    cu_seqlens[s] .. cu_seqlens[s+1] − 1, from 0 to seqlen. Without seq_idx the ids it implies are used;
+    with seq_idx the two must agree (checked: one small host copy from a GPU). `return_varlen_states`
+    (needs cu_seqlens) also returns each sequence's final state, (num_seqs, nheads, headdim, dstate) in
+    float32 (zeros for an empty sequence; with initial_states the first sequence must not be empty),
+    last in the returned tuple. Its gradient flows back into the scan (mamba_ssm's has none).
     """
-    if return_varlen_states or cu_seqlens is not None:
-        raise NotImplementedError(f"{_OP}: return_varlen_states / cu_seqlens (each packed sequence's final "
-                                  "state) are not supported; seq_idx alone is")
     _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit)
     check_seq_idx(_OP, seq_idx, "x", x, x.shape[0], x.shape[1])
+    check_cu_seqlens(_OP, cu_seqlens, "x", x, x.shape[0])
+    if return_varlen_states and cu_seqlens is None:
+        raise ValueError(f"{_OP}: return_varlen_states needs cu_seqlens (the packed sequences' boundaries)")
     dtype = x.dtype
     for t in (dt, B, C, z):
         if t is not None:
@@ -119,10 +127,11 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         dt, dt_bias, dt_softplus = _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), None, False
     cast = lambda t: None if t is None else t.to(dtype)
-    out, _, final_state = torch.ops.shammie.ssd_scan(cast(x), cast(dt), A, cast(B), cast(C), D, cast(z), dt_bias,
-                                                     initial_states, dt_softplus, seq_idx)
-    out = out.to(x.dtype)
-    return (out, final_state) if return_final_states else out
+    out, _, final_state, varlen_states = torch.ops.shammie.ssd_scan(
+        cast(x), cast(dt), A, cast(B), cast(C), D, cast(z), dt_bias, initial_states, dt_softplus, seq_idx, cu_seqlens)
+    returned = (out.to(x.dtype),) + ((final_state,) if return_final_states else ())
+    returned += (varlen_states,) if return_varlen_states else ()
+    return returned if len(returned) > 1 else returned[0]
 
 
 def _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
@@ -210,11 +219,13 @@ def _accumulation_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
-    """The checks of csrc/ssd/ssd_scan.cpp, for fake tensors: the layout checks plus one activation dtype."""
+def _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens):
+    """The checks of csrc/ssd/ssd_scan.cpp, for fake tensors: the layout checks plus one activation dtype
+    (cu_seqlens' values need the data: the kernels' front end checks them)."""
     _check(x, dt, A, B, C, None, D, z, dt_bias, initial_states, _NO_LIMIT)
     same_dtype("ssd_scan", "x", x, (("dt", dt), ("z", z)))
     check_seq_idx("ssd_scan", seq_idx, "x", x, x.shape[0], x.shape[1])
+    check_cu_seqlens("ssd_scan", cu_seqlens, "x", x, x.shape[0])
     batch, seqlen, heads, headdim = x.shape
     return batch, seqlen, heads, headdim, B.shape[3]
 
@@ -224,17 +235,21 @@ def _num_checkpoints(seqlen):
 
 
 @torch.library.register_fake("shammie::ssd_scan")
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx=None):
-    batch, seqlen, heads, headdim, dstate = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx=None, cu_seqlens=None):
+    batch, seqlen, heads, headdim, dstate = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
+                                                      cu_seqlens)
     acc = _accumulation_dtype(x)
     checkpoints = x.new_empty((batch, heads, _num_checkpoints(seqlen), headdim, dstate), dtype=acc)
     final_state = x.new_empty((batch, heads, headdim, dstate), dtype=acc)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), checkpoints, final_state
+    num_seqs = 0 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    varlen_states = x.new_empty((num_seqs, heads, headdim, dstate), dtype=acc)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), checkpoints, final_state, varlen_states
 
 
 @torch.library.register_fake("shammie::ssd_scan_backward")
-def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, dt_softplus, seq_idx=None):
-    _, _, heads, headdim, _ = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, dt_softplus, seq_idx=None,
+      cu_seqlens=None, grad_varlen=None):
+    _, _, heads, headdim, _ = _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens)
     acc = _accumulation_dtype(x)
     like = lambda t, dtype=None: torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
     nothing = x.new_empty((0,))
@@ -245,20 +260,23 @@ def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, check
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[1], seq_idx)
+    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx, cu_seqlens = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[1], seq_idx, cu_seqlens)
     ctx.dt_softplus = dt_softplus
 
 
-def _backward(ctx, grad_out, grad_checkpoints, grad_final):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, seq_idx = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_checkpoints, grad_final, grad_varlen):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, seq_idx, cu_seqlens = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(x)
+    if cu_seqlens is None:
+        grad_varlen = None   # the (0, ...) varlen_states of a call without cu_seqlens
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = torch.ops.shammie.ssd_scan_backward(
-        grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, ctx.dt_softplus, seq_idx)
+        grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, ctx.dt_softplus, seq_idx,
+        cu_seqlens, grad_varlen)
     return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None,
-            dinitial if initial_states is not None else None, None, None)
+            dinitial if initial_states is not None else None, None, None, None)
 
 
 torch.library.register_autograd("shammie::ssd_scan", _backward, setup_context=_setup_context)

@@ -115,3 +115,29 @@ def test_patch_is_undone():
     assert is_patched()
     patch.restore()
     assert not is_patched()
+
+
+def test_mamba2_wrappers_pass_packed_sequences_through():
+    """transformers' names for the Mamba-2 kernels take mamba_ssm's seq_idx / cu_seqlens arguments."""
+    import shammie
+    from shammie.integrations import transformers as wrappers
+
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(1, 20, 2, 3, generator=g), torch.randn(1, 20, 2, 3, generator=g)
+    dt = torch.randn(1, 20, 2, generator=g)
+    B, C = torch.randn(1, 20, 1, 4, generator=g), torch.randn(1, 20, 1, 4, generator=g)
+    A, cu_seqlens = -torch.rand(2, generator=g), torch.tensor([0, 7, 20])
+    seq_idx = torch.repeat_interleave(torch.arange(2), torch.tensor([7, 13]))[None].int()
+    got = wrappers.mamba2_chunk_scan(x, dt, A, B, C, 16, z=z, dt_softplus=True, seq_idx=seq_idx,
+                                     cu_seqlens=cu_seqlens, return_varlen_states=True)
+    want = shammie.mamba_chunk_scan_combined(x, dt, A, B, C, 16, z=z, dt_softplus=True, seq_idx=seq_idx,
+                                             cu_seqlens=cu_seqlens, return_varlen_states=True)
+    alone = shammie.mamba_chunk_scan_combined(x[:, 7:], dt[:, 7:], A, B[:, 7:], C[:, 7:], 16, z=z[:, 7:],
+                                              dt_softplus=True, return_final_states=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[0][:, 7:], alone[0])
+    torch.testing.assert_close(got[1][1], alone[1][0])
+    conv_x, weight = torch.randn(1, 6, 20, generator=g), torch.randn(6, 4, generator=g)
+    torch.testing.assert_close(wrappers.causal_conv1d_fn(conv_x, weight, seq_idx=seq_idx)[..., 7:],
+                               shammie.causal_conv1d_fn(conv_x[..., 7:], weight))

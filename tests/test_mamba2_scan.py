@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shammie
-from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference
+from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference, ssd_scan_varlen_reference
 from conftest import DEVICES, DTYPES, assert_matches_reference
 
 LOW = ("x", "dt", "B", "C", "z")      # in the activation dtype; A, D, dt_bias, initial_states in float32
@@ -138,6 +138,68 @@ def test_packed_sequences_match_separate_runs(dtype, device, setting):
     assert_matches_reference(state, ref_state, low_state.to(state.dtype), "final state")
     for name in got:
         assert_matches_reference(got[name], ref_grads[name], low_grads[name].to(got[name].dtype), f"grad {name}")
+
+
+CU_SEQLENS = [0, 1, 3, 133, 133, 300]   # runs of 1, 2, 130 (across a checkpoint interval), an empty one, 167
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ids", ["cu_seqlens alone", "with seq_idx"])
+def test_varlen_states_match_separate_runs(dtype, device, ids):
+    """Each sequence's final state, and gradients through it, against scanning each on its own."""
+    softplus, limit = SETTINGS["softplus"]
+    inputs = make(batch=1, L=300, heads=4, headdim=3, groups=2, N=16, dtype=dtype, device=device)
+    cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32, device=device)
+    seq_idx = None
+    if ids == "with seq_idx":   # any ids that change where a sequence starts
+        seq_idx = (7 * torch.repeat_interleave(torch.arange(5), torch.tensor([1, 2, 130, 0, 167]))[None]).to(device)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    out, state, varlen = shammie.mamba_chunk_scan_combined(
+        **leaves, chunk_size=64, seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=softplus, dt_limit=limit,
+        return_final_states=True, return_varlen_states=True)
+    g = torch.Generator().manual_seed(1)
+    w = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, state, varlen)]
+    loss = lambda *ts: sum((t.double() * wt).sum() for t, wt in zip(ts, w))
+    got = dict(zip(leaves, torch.autograd.grad(loss(out.cpu(), state.cpu(), varlen.cpu()), list(leaves.values()))))
+
+    def reference(compute_dtype):
+        ref_leaves = {k: (v.detach().cpu().double() if compute_dtype == torch.float64 else v.detach().cpu())
+                      .requires_grad_(True) for k, v in inputs.items() if v is not None}
+        results = ssd_scan_varlen_reference(**ref_leaves, dt_softplus=softplus, dt_limit=limit,
+                                            cu_seqlens=cu_seqlens.cpu())
+        grads = torch.autograd.grad(loss(*results), list(ref_leaves.values()))
+        return [r.detach() for r in results], dict(zip(ref_leaves, grads))
+
+    (ref_out, ref_state, ref_varlen), ref_grads = reference(torch.float64)
+    (low_out, low_state, low_varlen), low_grads = reference(None)
+    assert_matches_reference(out, ref_out, low_out, "out")
+    assert_matches_reference(state, ref_state, low_state.to(state.dtype), "final state")
+    assert_matches_reference(varlen, ref_varlen, low_varlen.to(varlen.dtype), "varlen states")
+    assert torch.equal(varlen[3].cpu(), torch.zeros_like(varlen[3].cpu())), "an empty sequence's state is zero"
+    for name in got:
+        assert_matches_reference(got[name], ref_grads[name], low_grads[name].to(got[name].dtype), f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_states_opcheck_and_compile(device):
+    inputs = make(batch=1, L=77, heads=4, headdim=5, groups=2, N=16, device=device)
+    cu_seqlens = torch.tensor([0, 30, 31, 77], device=device)
+    torch.library.opcheck(torch.ops.shammie.ssd_scan, (*(inputs[k] for k in OP_ORDER), True, None, cu_seqlens))
+    leaves = [v.requires_grad_(True) for v in inputs.values()]
+
+    def step(*args):
+        out, varlen = shammie.mamba_chunk_scan_combined(**dict(zip(inputs, args)), chunk_size=16, dt_softplus=True,
+                                                        cu_seqlens=cu_seqlens, return_varlen_states=True)
+        return out.square().sum() + varlen.sum()
+
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled, leaves), eager_grads):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -276,10 +338,27 @@ def with_change(change):
         kwargs["seq_idx"] = torch.zeros(2, 76, dtype=torch.int32)
     elif change == "seq_idx float":
         kwargs["seq_idx"] = torch.zeros(2, 77)
-    elif change == "return_varlen_states":
-        kwargs["seq_idx"] = torch.zeros(2, 77, dtype=torch.int32)
-        kwargs["cu_seqlens"] = torch.tensor([0, 77], dtype=torch.int32)
+    elif change == "return_varlen_states without cu_seqlens":
         kwargs["return_varlen_states"] = True
+    elif change == "cu_seqlens with batch 2":
+        kwargs["cu_seqlens"] = torch.tensor([0, 77], dtype=torch.int32)
+    elif change == "cu_seqlens float":
+        kwargs["cu_seqlens"] = torch.tensor([0.0, 77.0])
+    elif change == "cu_seqlens 2-D":
+        kwargs["cu_seqlens"] = torch.tensor([[0, 77]])
+    elif change.startswith("cu_seqlens"):   # the value checks, at batch 1
+        inputs = {k: v[:1] if k in ("x", "dt", "B", "C", "z", "initial_states") else v for k, v in inputs.items()}
+        kwargs["cu_seqlens"], kwargs["seq_idx"] = {
+            "cu_seqlens not from 0": ([1, 77], None),
+            "cu_seqlens not to seqlen": ([0, 30, 76], None),
+            "cu_seqlens decreasing": ([0, 40, 30, 77], None),
+            "cu_seqlens empty first sequence with initial states": ([0, 0, 77], None),
+            "cu_seqlens and seq_idx disagree": ([0, 30, 77], [0] * 31 + [1] * 46),
+            "cu_seqlens and seq_idx disagree (extra start)": ([0, 77], [0] * 10 + [1] * 67),
+        }[change]
+        kwargs["cu_seqlens"] = torch.tensor(kwargs["cu_seqlens"])
+        if kwargs["seq_idx"] is not None:
+            kwargs["seq_idx"] = torch.tensor([kwargs["seq_idx"]], dtype=torch.int32)
     elif change == "x on meta":
         inputs["x"] = inputs["x"].to("meta")
     return inputs, kwargs
@@ -300,7 +379,16 @@ def with_change(change):
     ("chunk_size 0", ValueError, "chunk_size must be a positive int"),
     ("seq_idx wrong shape", ValueError, r"seq_idx must have shape \(batch, seqlen\) = \(2, 77\)"),
     ("seq_idx float", TypeError, "seq_idx must be int32 or int64"),
-    ("return_varlen_states", NotImplementedError, "return_varlen_states / cu_seqlens"),
+    ("return_varlen_states without cu_seqlens", ValueError, "return_varlen_states needs cu_seqlens"),
+    ("cu_seqlens with batch 2", ValueError, "cu_seqlens needs batch 1"),
+    ("cu_seqlens float", TypeError, "cu_seqlens must be int32 or int64"),
+    ("cu_seqlens 2-D", ValueError, r"cu_seqlens must have shape \(num_seqs \+ 1,\)"),
+    ("cu_seqlens not from 0", ValueError, r"cu_seqlens must run from 0 to seqlen \(77\), got 1 \.\. 77"),
+    ("cu_seqlens not to seqlen", ValueError, r"cu_seqlens must run from 0 to seqlen \(77\), got 0 \.\. 76"),
+    ("cu_seqlens decreasing", ValueError, r"non-decreasing, got cu_seqlens\[1\] = 40 > cu_seqlens\[2\] = 30"),
+    ("cu_seqlens empty first sequence with initial states", ValueError, "the first sequence must not be empty"),
+    ("cu_seqlens and seq_idx disagree", ValueError, "disagree at step 30: seq_idx does not start a sequence"),
+    ("cu_seqlens and seq_idx disagree (extra start)", ValueError, "disagree at step 10: seq_idx starts a sequence"),
     ("x on meta", ValueError, r"must be on the same device as x \(meta\)"),
 ])
 def test_bad_input_is_a_clear_error(change, error, message):

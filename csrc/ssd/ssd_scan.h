@@ -6,6 +6,9 @@
 //   y_t[p] = Σ_n C_t[g,n]·S_t[p,n] + D[h,p]·x_t[p],   out = y·silu(z) when z is given.
 // Packed sequences (seq_idx (batch, L)): a step whose id differs from the previous step's starts a new
 // sequence, a_t = 0 there, so no state (and, in the backward, no gradient) crosses it.
+// With cu_seqlens (batch 1), the forward also writes each sequence's final state ("varlen states"):
+// the kernels get a per-step slot map, the sequence whose last step t is (or −1), copy S_t out at
+// those steps, and in the backward add the varlen state's gradient to G at the same steps.
 //
 // Each row p is an independent recurrence over the N-vector S[p,:] with a scalar decay, so the
 // kernels run rows in parallel and vectorize over n (CPU) or put n on threads (CUDA). The forward
@@ -42,6 +45,8 @@ struct SsdArgs {
   at::Tensor dt_bias;                         // (H,) (zeros when absent)
   std::optional<at::Tensor> initial_states;   // (batch, H, P, N)
   std::optional<at::Tensor> seq_idx;          // (batch, L) int64: packed sequences
+  std::optional<at::Tensor> state_slot;       // (batch, L) int64: the sequence ending at step t, or −1
+  int64_t num_seqs = 0;                       // varlen states (cu_seqlens' length − 1; 0 without it)
   at::Tensor checkpoints;                     // (batch, H, num_checkpoints, P, N): k holds the state
                                               // before step k·kInterval (k = 0: the initial state)
   int64_t heads_per_group() const { return heads / groups; }
@@ -58,6 +63,7 @@ struct Layout {
   }
   SHAMMIE_HD int64_t state_at(int64_t b, int64_t h) const { return (b * H + h) * P * N; }        // (batch, H, P, N)
   SHAMMIE_HD int64_t checkpoint_at(int64_t b, int64_t h, int64_t k) const { return ((b * H + h) * n_cp + k) * P * N; }
+  SHAMMIE_HD int64_t varlen_at(int64_t s, int64_t h) const { return (s * H + h) * P * N; }     // (num_seqs, H, P, N)
 };
 
 // The inputs as raw pointers for the kernels of either device (null where an optional one is absent).
@@ -73,6 +79,7 @@ struct SsdInputs {
   const acc_t* dt_bias;
   const acc_t* initial_states;
   const int64_t* seq_idx;
+  const int64_t* state_slot;
 
   static SsdInputs of(const SsdArgs& a) {
     return {a.x.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<scalar_t>(),
@@ -80,7 +87,8 @@ struct SsdInputs {
             a.B.const_data_ptr<acc_t>(), a.C.const_data_ptr<acc_t>(), a.D.const_data_ptr<acc_t>(),
             a.dt_bias.const_data_ptr<acc_t>(),
             a.initial_states ? a.initial_states->const_data_ptr<acc_t>() : nullptr,
-            a.seq_idx ? a.seq_idx->const_data_ptr<int64_t>() : nullptr};
+            a.seq_idx ? a.seq_idx->const_data_ptr<int64_t>() : nullptr,
+            a.state_slot ? a.state_slot->const_data_ptr<int64_t>() : nullptr};
   }
 };
 
@@ -97,6 +105,7 @@ struct SsdForwardArgs {
   SsdArgs in;
   at::Tensor out;           // (batch, L, H, P), input dtype
   at::Tensor final_state;   // (batch, H, P, N), accumulation dtype
+  at::Tensor varlen_states; // (num_seqs, H, P, N), accumulation dtype, zero-filled (an empty sequence's)
 };
 
 // Gradient outputs arrive zero-filled where they accumulate (dA, dB, dC, dD, ddt_bias); the kernel
@@ -105,6 +114,7 @@ struct SsdBackwardArgs {
   SsdArgs in;
   at::Tensor grad_out;                        // (batch, L, H, P), input dtype
   std::optional<at::Tensor> grad_final;       // (batch, H, P, N), accumulation dtype
+  std::optional<at::Tensor> grad_varlen;      // (num_seqs, H, P, N), accumulation dtype
   at::Tensor dx, ddt;                         // like x, dt (input dtype)
   std::optional<at::Tensor> dz;               // when z is given
   at::Tensor dA, dB, dC, dD, ddt_bias;        // like in.A, in.B, in.C, in.D, in.dt_bias
@@ -114,12 +124,12 @@ struct SsdBackwardArgs {
 using SsdForwardKernel = void (*)(const SsdForwardArgs&);
 using SsdBackwardKernel = void (*)(const SsdBackwardArgs&);
 
-// Return (out, checkpoints, final_state).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
+// Return (out, checkpoints, final_state, varlen_states); varlen_states is (0, H, P, N) without cu_seqlens.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
     const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
     const std::optional<at::Tensor>& initial_states, bool dt_softplus, const std::optional<at::Tensor>& seq_idx,
-    SsdForwardKernel kernel);
+    const std::optional<at::Tensor>& cu_seqlens, SsdForwardKernel kernel);
 
 // Return (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); dz and dinitial_states are empty
 // when z / initial_states are absent; dD has D's shape.
@@ -128,6 +138,7 @@ std::vector<at::Tensor> ssd_scan_backward(
     const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
     const std::optional<at::Tensor>& initial_states, const at::Tensor& checkpoints, bool dt_softplus,
-    const std::optional<at::Tensor>& seq_idx, SsdBackwardKernel kernel);
+    const std::optional<at::Tensor>& seq_idx, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& grad_varlen, SsdBackwardKernel kernel);
 
 }  // namespace shammie::ssd

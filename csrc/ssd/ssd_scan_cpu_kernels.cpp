@@ -71,10 +71,11 @@ acc_t lane_sum(acc_t (&part)[W]) {
 // are independent chains, which hides the latency of the multiply-adds.
 constexpr int64_t kRows = 4;
 
-// Rows p0 .. p0+R−1 of (b, h) through steps t0 .. t1−1; their states are S + p·N.
+// Rows p0 .. p0+R−1 of (b, h) through steps t0 .. t1−1; their states are S + p·N. At the last step
+// of a packed sequence the rows' states are also copied to its varlen state.
 template <int64_t R, typename scalar_t, typename acc_t>
 void forward_rows(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, int64_t p0, int64_t t0, int64_t t1,
-                  const acc_t* dts, const acc_t* decay, acc_t* S, scalar_t* out) {
+                  const acc_t* dts, const acc_t* decay, acc_t* S, scalar_t* out, acc_t* varlen) {
   constexpr int64_t kLanes = kLanesOf<acc_t>;
   const int64_t N = v.N;
   acc_t* s[R];
@@ -121,12 +122,16 @@ void forward_rows(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, int64_t 
       if (v.z) yr = ssm::gate(yr, acc_t(v.z[at + r]));
       out[at + r] = scalar_t(yr);
     }
+    const int64_t slot = v.state_slot ? v.state_slot[b * v.L + t] : -1;
+    if (slot >= 0) {
+      for (int64_t r = 0; r < R; ++r) std::copy_n(s[r], N, varlen + v.varlen_at(slot, h) + (p0 + r) * N);
+    }
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void forward_head(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* work, scalar_t* out,
-                  acc_t* checkpoints, acc_t* final_state) {
+                  acc_t* checkpoints, acc_t* final_state, acc_t* varlen) {
   const int64_t L = v.L, P = v.P, N = v.N;
   acc_t* dts = work;
   acc_t* decay = dts + L;
@@ -138,8 +143,8 @@ void forward_head(const View<scalar_t, acc_t>& v, int64_t b, int64_t h, acc_t* w
     const int64_t t0 = k * kInterval, t1 = std::min(L, t0 + kInterval);
     std::copy_n(S, P * N, checkpoints + v.checkpoint_at(b, h, k));
     int64_t p = 0;
-    for (; p + kRows <= P; p += kRows) forward_rows<kRows>(v, b, h, p, t0, t1, dts, decay, S, out);
-    for (; p < P; ++p) forward_rows<1>(v, b, h, p, t0, t1, dts, decay, S, out);
+    for (; p + kRows <= P; p += kRows) forward_rows<kRows>(v, b, h, p, t0, t1, dts, decay, S, out, varlen);
+    for (; p < P; ++p) forward_rows<1>(v, b, h, p, t0, t1, dts, decay, S, out, varlen);
   }
   std::copy_n(S, P * N, final_state + v.state_at(b, h));
 }
@@ -150,9 +155,12 @@ void forward(const ssd::SsdForwardArgs& a) {
   scalar_t* out = a.out.data_ptr<scalar_t>();
   acc_t* checkpoints = a.in.checkpoints.data_ptr<acc_t>();
   acc_t* final_state = a.final_state.data_ptr<acc_t>();
+  acc_t* varlen = a.varlen_states.data_ptr<acc_t>();
   at::parallel_for(0, a.in.batch * v.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> work(2 * v.L + v.P * v.N);
-    for (int64_t i = begin; i < end; ++i) forward_head(v, i / v.H, i % v.H, work.data(), out, checkpoints, final_state);
+    for (int64_t i = begin; i < end; ++i) {
+      forward_head(v, i / v.H, i % v.H, work.data(), out, checkpoints, final_state, varlen);
+    }
   });
 }
 
@@ -163,6 +171,7 @@ template <typename scalar_t, typename acc_t>
 struct BackwardOut {
   const scalar_t* grad_out;
   const acc_t* grad_final;
+  const acc_t* grad_varlen;   // (num_seqs, H, P, N), or null
   const acc_t* checkpoints;
   scalar_t* dx;
   scalar_t* ddt;
@@ -231,7 +240,13 @@ void backward_rows(const View<scalar_t, acc_t>& v, const BackwardOut<scalar_t, a
     const acc_t* prev[R];
     acc_t xv[R], dy[R], coef[R], dcoef[R], da[R];
     const acc_t a = w.decay[t];
+    const int64_t slot = o.grad_varlen && v.state_slot ? v.state_slot[b * v.L + t] : -1;
     for (int64_t r = 0; r < R; ++r) {
+      if (slot >= 0) {   // S_t is also a packed sequence's varlen state: its gradient enters here
+        const acc_t* gv = o.grad_varlen + v.varlen_at(slot, h) + (p0 + r) * N;
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) g[r][n] += gv[n];
+      }
       cur[r] = w.S + r * row_states + (t - t0 + 1) * N;
       prev[r] = cur[r] - N;
       xv[r] = acc_t(v.x[at + r]);
@@ -338,7 +353,8 @@ void backward(const ssd::SsdBackwardArgs& a) {
   at::Tensor dD = at::zeros({batch, v.H * v.P}, acc_opts);
   const BackwardOut<scalar_t, acc_t> o{
       a.grad_out.data_ptr<scalar_t>(), a.grad_final ? a.grad_final->data_ptr<acc_t>() : nullptr,
-      a.in.checkpoints.data_ptr<acc_t>(), a.dx.data_ptr<scalar_t>(), a.ddt.data_ptr<scalar_t>(),
+      a.grad_varlen ? a.grad_varlen->data_ptr<acc_t>() : nullptr, a.in.checkpoints.data_ptr<acc_t>(),
+      a.dx.data_ptr<scalar_t>(), a.ddt.data_ptr<scalar_t>(),
       a.dz ? a.dz->data_ptr<scalar_t>() : nullptr, a.dinitial_states ? a.dinitial_states->data_ptr<acc_t>() : nullptr,
       dB.data_ptr<acc_t>(), dC.data_ptr<acc_t>(), batch * v.L * v.G * v.N, dA.data_ptr<acc_t>(),
       dD.data_ptr<acc_t>(), dbias.data_ptr<acc_t>()};

@@ -57,9 +57,12 @@ struct SsdParams : Layout, SsdInputs<scalar_t, acc_t> {   // Layout: L, H, P, G,
   // forward only
   scalar_t* out;
   acc_t* final_state;
+  acc_t* varlen_states;     // (num_seqs, H, P, N): the state at each packed sequence's last step
+
   // backward only
   const scalar_t* grad_out;
   const acc_t* grad_final;
+  const acc_t* grad_varlen; // (num_seqs, H, P, N), or null
   scalar_t* dx;
   scalar_t* dz;
   acc_t* dA;
@@ -118,6 +121,10 @@ template <typename Par>
 __device__ int64_t checkpoint_at(const Par& p, const Place& q, int64_t k) {       // (batch, H, n_cp, P, N)
   return p.checkpoint_at(q.b, q.h, k) + q.p * p.N + q.n;
 }
+template <typename Par>
+__device__ int64_t varlen_at(const Par& p, const Place& q, int64_t s) {           // (num_seqs, H, P, N)
+  return p.varlen_at(s, q.h) + q.p * p.N + q.n;
+}
 
 template <typename Par, typename acc_t>
 __device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* bc, int64_t t) {
@@ -140,6 +147,7 @@ template <typename acc_t>
 struct Tile {
   acc_t dt[kT];                // dt_t after bias and softplus
   acc_t decay[kT];             // a_t = exp(dt_t·A_h): one exp per (head, step), not per thread
+  int64_t slot[kT];            // the packed sequence whose last step this is, or −1
   acc_t x[kMaxRows][kT + 1];
 };
 
@@ -153,6 +161,7 @@ __device__ void load_tile(const Par& p, const Place& q, acc_t A_h, acc_t bias_h,
     tile.dt[t] = dt;
     // A packed sequence's first step keeps nothing of the previous state (nor, backward, its gradient).
     tile.decay[t] = t < steps && starts_sequence(p.seq_idx, p.L, q.b, t0 + t) ? acc_t(0) : vexp(dt * A_h);
+    tile.slot[t] = p.state_slot && t < steps ? p.state_slot[q.b * p.L + t0 + t] : int64_t(-1);
   }
   for (int i = threadIdx.x; i < p.rpb * kT; i += blockDim.x) {
     const int t = i / p.rpb, c = i % p.rpb;   // neighbouring threads read neighbouring rows of x
@@ -181,6 +190,7 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_forward_kernel(const SsdPar
 #pragma unroll 4
     for (int t = 0; t < steps; ++t) {
       S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, p.B, t0 + t);
+      if (tile.slot[t] >= 0 && q.state_ok) p.varlen_states[varlen_at(p, q, tile.slot[t])] = S;
       const acc_t y = lane_sum(S * bc_value(p, q, p.C, t0 + t), q.width);
       if (q.n % q.width == 0) part[q.warp_in_row * p.rpb + q.c][t] = y;
     }
@@ -219,7 +229,8 @@ __device__ acc_t pick(const acc_t (&v)[kTilesPerInterval], int j) {
 }
 
 // Per step t (descending), with G = dL/dS_t from the steps after t:
-//   g = G + C_t·dy_t;  dC_t += dy_t·S_t;  dB_t += g·dt_t·x_t;  dx_t += Σ_n g·dt_t·B_t + D·dy_t;
+//   g = G + C_t·dy_t (+ the varlen state's gradient at a packed sequence's last step);  dC_t += dy_t·S_t;
+//   dB_t += g·dt_t·x_t;  dx_t += Σ_n g·dt_t·B_t + D·dy_t;
 //   d(dt_t) += Σ_{p,n} g·(A_h·a_t·S_{t−1} + x_t·B_t);  dA_h += Σ g·a_t·S_{t−1}·dt_t;  G = a_t·g.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdParams<scalar_t, acc_t> p) {
@@ -302,7 +313,8 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
         if (t < steps) {
           const acc_t dt = tile.dt[t], a = tile.decay[t], xv = tile.x[q.c][t], dy = dy_s[q.c][t];
           const acc_t bv = bc_value(p, q, p.B, t0 + t);
-          const acc_t g = G + bc_value(p, q, p.C, t0 + t) * dy;   // dL/dS_t
+          acc_t g = G + bc_value(p, q, p.C, t0 + t) * dy;   // dL/dS_t
+          if (p.grad_varlen && tile.slot[t] >= 0 && q.state_ok) g += p.grad_varlen[varlen_at(p, q, tile.slot[t])];
           const acc_t carried = g * a * hist[t];                    // dL/da_t · a_t
           dA += carried * dt;
           const acc_t ddt = lane_sum(carried * A_h + g * xv * bv, q.width);
@@ -409,6 +421,7 @@ void ssd_forward_cuda(const SsdForwardArgs& args) {
   p.checkpoints = a.checkpoints.mutable_data_ptr<acc_t>();
   p.out = args.out.mutable_data_ptr<scalar_t>();
   p.final_state = args.final_state.mutable_data_ptr<acc_t>();
+  p.varlen_states = args.varlen_states.mutable_data_ptr<acc_t>();
   ssd_forward_kernel<scalar_t, acc_t><<<num_blocks(a, shape), shape.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -425,6 +438,7 @@ void ssd_backward_cuda(const SsdBackwardArgs& args) {
   p.checkpoints = const_cast<acc_t*>(a.checkpoints.const_data_ptr<acc_t>());
   p.grad_out = args.grad_out.const_data_ptr<scalar_t>();
   p.grad_final = args.grad_final ? args.grad_final->const_data_ptr<acc_t>() : nullptr;
+  p.grad_varlen = args.grad_varlen ? args.grad_varlen->const_data_ptr<acc_t>() : nullptr;
   p.dx = args.dx.mutable_data_ptr<scalar_t>();
   p.dz = args.dz ? args.dz->mutable_data_ptr<scalar_t>() : nullptr;
   p.dA = args.dA.mutable_data_ptr<acc_t>();

@@ -32,10 +32,9 @@ def _no_packed_sequences(kwargs, name):
             raise NotImplementedError(f"shammie's {name} does not support packed sequences ({key}=...)")
 
 
-def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
-    _no_packed_sequences(kwargs, "causal_conv1d_fn")
+def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=None, **kwargs):
     x = hidden_states.to(weight.dtype)
-    return shammie.causal_conv1d_fn(x, weight, bias, activation=activation).to(hidden_states.dtype)
+    return shammie.causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation=activation).to(hidden_states.dtype)
 
 
 def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
@@ -58,26 +57,28 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
 
 
 def mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
-                      dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False, z=None, **kwargs):
+                      dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False, z=None, seq_idx=None,
+                      cu_seqlens=None, return_varlen_states=False, **kwargs):
     """transformers' `mamba2_chunk_scan` signature (mamba_ssm's `mamba_chunk_scan_combined`)."""
-    _no_packed_sequences(kwargs, "mamba_chunk_scan_combined")
     return shammie.mamba_chunk_scan_combined(hidden_states, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
-                                             initial_states=initial_states, dt_softplus=dt_softplus,
-                                             dt_limit=dt_limit, return_final_states=return_final_states)
+                                             initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                             dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                             return_final_states=return_final_states,
+                                             return_varlen_states=return_varlen_states)
 
 
 def mamba2_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
-                                      initial_states=None, dt_limit=(0.0, math.inf), return_final_states=False,
-                                      activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
-                                      outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True, **kwargs):
+                                      initial_states=None, seq_idx=None, dt_limit=(0.0, math.inf),
+                                      return_final_states=False, activation="silu", rmsnorm_weight=None,
+                                      rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1,
+                                      norm_before_gate=True, **kwargs):
     """transformers' fused Mamba2 training entry (mamba_ssm's `mamba_split_conv1d_scan_combined`). For an
     activation shammie's conv does not fuse it returns None, which sends transformers to its unfused path."""
     if activation not in (None, "silu", "swish"):
         return None
-    _no_packed_sequences(kwargs, "mamba_split_conv1d_scan_combined")
     return shammie.mamba_split_conv1d_scan_combined(
         zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=initial_states,
-        dt_limit=dt_limit, return_final_states=return_final_states, activation=activation,
+        seq_idx=seq_idx, dt_limit=dt_limit, return_final_states=return_final_states, activation=activation,
         rmsnorm_weight=rmsnorm_weight, rmsnorm_eps=rmsnorm_eps, outproj_weight=outproj_weight,
         outproj_bias=outproj_bias, headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate)
 

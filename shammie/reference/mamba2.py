@@ -68,3 +68,23 @@ def ssd_scan_packed_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, init
         outs.append(torch.cat(pieces, dim=1))
         states.append(state)
     return torch.cat(outs), torch.cat(states)
+
+
+def ssd_scan_varlen_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                              dt_limit=(0.0, math.inf), cu_seqlens=None):
+    """cu_seqlens (batch 1) as what it means: sequence s (steps cu[s] .. cu[s+1]−1) scanned on its own
+    from a zero state (the first from initial_states). Returns (out, final state of the last non-empty
+    sequence, each sequence's final state (num_seqs, H, P, N), zeros for an empty one)."""
+    bounds = cu_seqlens.tolist()
+    pieces, states, final = [], [], None
+    for s, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        cut = lambda t: None if t is None else t[:, start:end]
+        out, state = ssd_scan_reference(cut(x), cut(dt), A, cut(B), cut(C), D, cut(z), dt_bias,
+                                        initial_states if s == 0 else None, dt_softplus, dt_limit)
+        if end == start:
+            state = torch.zeros_like(state)
+        else:
+            final = state
+        pieces.append(out)
+        states.append(state[0])
+    return torch.cat(pieces, dim=1), final, torch.stack(states)
