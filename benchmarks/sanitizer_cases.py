@@ -31,6 +31,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         shammie.causal_conv1d_fn(x, w, b, seq_idx=seq_idx, activation="silu").sum().backward()
         state = torch.randn(batch, dim, width + 1, device="cuda", dtype=dtype)
         shammie.causal_conv1d_update(x[:, :, :2].detach(), state, w.detach(), None, None)
+        # continuous batching: rows of a larger circular cache, the first element padding
+        cache = torch.randn(batch + 2, dim, width + 1, device="cuda", dtype=dtype)
+        rows = torch.arange(batch, device="cuda") + 1
+        rows[0] = -1
+        shammie.causal_conv1d_update(x[:, :, :3].detach(), cache, w.detach(), b.detach(), "silu",
+                                     cache_seqlens=torch.arange(batch, device="cuda") * 5, conv_state_indices=rows)
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for lead, chan, bc, N in (((3, 7), (7,), (3, 16), 16), ((2, 4, 5), (4, 5), (2, 2, 64), 64)):
         state = torch.randn(*lead, N, device="cuda", dtype=dtype)
@@ -39,6 +45,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         A = -torch.rand(*chan, N, device="cuda")
         shammie.selective_state_update(state, x, dt, A, B, C, torch.randn(*chan, device="cuda"), z,
                                        torch.randn(*chan, device="cuda"), dt_softplus=True)
+        cache = torch.randn(lead[0] + 3, *lead[1:], N, device="cuda", dtype=dtype)   # rows of a larger cache
+        rows = torch.arange(lead[0], device="cuda").flip(0) + 2
+        rows[-1] = -1
+        shammie.selective_state_update(cache, x, dt, A, B, C, z=z, dt_softplus=True, state_batch_indices=rows)
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     # (batch, dim, L, N, B/C form): odd dims, tails of tiles and intervals, N > 32 across warps, groups
     for batch, dim, L, N, form in ((2, 7, 37, 16, "variable"), (1, 3, 70, 1, "constant"), (1, 5, 130, 64, "grouped"),

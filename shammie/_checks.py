@@ -50,3 +50,15 @@ def cu_seqlens(op: str, cu, ref_name: str, ref, batch: int) -> None:
         raise ValueError(f"{op}: cu_seqlens must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(cu.shape)}")
     if batch != 1:
         raise ValueError(f"{op}: cu_seqlens needs batch 1 (sequences packed along seqlen), got batch {batch}")
+
+
+def batch_vector(op: str, name: str, t, ref_name: str, ref) -> None:
+    """A per-batch-element int vector (state indices, cache lengths), if given: (batch,) int32 or int64
+    on ref's device, batch = ref.shape[0]. Its values are checked by the kernels' front end."""
+    if t is None:
+        return
+    same_device(op, ref_name, ref, ((name, t),))
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+    if tuple(t.shape) != (ref.shape[0],):
+        raise ValueError(f"{op}: {name} must have shape (batch,) = ({ref.shape[0]},), got {tuple(t.shape)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from shammie._checks import same_dtype_and_device
+from shammie._checks import batch_vector, same_dtype_and_device
 from shammie._checks import seq_idx as check_seq_idx
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -80,10 +80,22 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
-    """Decode step: x (batch, dim) or (batch, dim, seqlen); conv_state (batch, dim, state_len ≥ width − 1)
-    is updated in place to the last state_len inputs. Returns out, shaped like x."""
-    return torch.ops.shammie.causal_conv1d_update(x, conv_state, weight, bias, _silu(activation))
+                         bias: torch.Tensor | None = None, activation: str | None = None,
+                         cache_seqlens: torch.Tensor | None = None,
+                         conv_state_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode step, causal-conv1d's signature: x (batch, dim) or (batch, dim, seqlen); conv_state
+    (batch, dim, state_len ≥ width − 1) is updated in place to the last state_len inputs. Returns out,
+    shaped like x.
+
+    Continuous batching: `conv_state_indices` (batch,) int32/int64 makes conv_state a cache of any number
+    of rows, element b using row conv_state_indices[b]; −1 marks a padding element (its row is not
+    touched, its out is zero); a row named twice is an error. `cache_seqlens` (batch,) makes conv_state a
+    circular buffer: stream position c lives in slot c % state_len, and x starts at position
+    cache_seqlens[b] (the caller advances it). Both are checked on the host: on a GPU one small copy and
+    a sync per call.
+    """
+    return torch.ops.shammie.causal_conv1d_update(x, conv_state, weight, bias, _silu(activation),
+                                                  conv_state_indices, cache_seqlens)
 
 
 def _check(op: str, x, weight, bias, batch_dims: int = 3) -> None:
@@ -118,9 +130,11 @@ def _(grad_out, x, weight, bias, silu, seq_idx=None):
 
 
 @torch.library.register_fake("shammie::causal_conv1d_update")
-def _(x, conv_state, weight, bias, silu):
+def _(x, conv_state, weight, bias, silu, conv_state_indices=None, cache_seqlens=None):
     x3 = x.unsqueeze(-1) if x.dim() == 2 else x
     _check("causal_conv1d_update", x3, weight, bias)
+    for name, t in (("conv_state_indices", conv_state_indices), ("cache_seqlens", cache_seqlens)):
+        batch_vector("causal_conv1d_update", name, t, "x", x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

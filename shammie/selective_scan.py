@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from shammie._checks import same_device, same_dtype
+from shammie._checks import batch_vector, same_device, same_dtype
 
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
                            z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
-                           dt_softplus: bool = False) -> torch.Tensor:
+                           dt_softplus: bool = False, state_batch_indices: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step.
 
     Mamba-1: state (batch, dim, dstate); x, dt, z (batch, dim); A (dim, dstate); B, C (batch, dstate);
@@ -24,16 +24,25 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     A (nheads, dim, dstate); B, C (batch, ngroups, dstate); D, dt_bias (nheads, dim).
     x, dt, z, B, C share a dtype; state has that dtype or float32; math in float32 (float64 for float64).
     Returns out shaped like x; `state` is updated in place.
+
+    Continuous batching (mamba_ssm's `state_batch_indices`, (batch,) int32/int64): state is a cache of
+    any number of rows and element b updates row state_batch_indices[b]; −1 marks a padding element
+    (no state touched, out zero); a row named twice is an error. Checked on the host: on a GPU one small
+    copy and a sync per call.
     """
-    return torch.ops.shammie.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return torch.ops.shammie.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                                    state_batch_indices)
 
 
 @torch.library.register_fake("shammie::selective_state_update")
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
     op = "selective_state_update"
     if state.dim() not in (3, 4):
         raise ValueError(f"{op}: state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got {tuple(state.shape)}")
     expected = tuple(state.shape[:-1])
+    if state_batch_indices is not None and x.dim() > 0:   # state is a cache of any number of rows
+        expected = (x.shape[0],) + expected[1:]
+        batch_vector(op, "state_batch_indices", state_batch_indices, "x", x)
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         if t is not None and tuple(t.shape) != expected:
             raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(t.shape)}")

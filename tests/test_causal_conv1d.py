@@ -310,3 +310,55 @@ def test_packed_sequences_gradcheck_and_opcheck(device):
     torch.library.opcheck(torch.ops.shammie.causal_conv1d, (x, w, b, True, seq_idx.long()))
     torch.library.opcheck(torch.ops.shammie.causal_conv1d, (*args, False, seq_idx))
     torch.library.opcheck(torch.ops.shammie.causal_conv1d_backward, (torch.randn_like(x), x, w, None, True, seq_idx))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("steps, state_len", [(1, 3), (2, 5), (6, 3)])
+def test_update_circular_cache_with_indices_equals_the_whole_sequence(steps, state_len, dtype, device):
+    """Decoding in chunks of `steps` through circular conv_state rows (cache_seqlens) of a larger
+    cache (conv_state_indices, with a padding element) reproduces the full causal conv."""
+    batch, dim, seqlen, width = 2, 6, 12, 4
+    x, w, b = make((batch, dim, seqlen, width), dtype, device)
+    full = causal_conv1d_reference(*(t.cpu().double() for t in (x, w, b)), activation="silu")
+    cache = torch.randn(5, dim, state_len, device=device, dtype=dtype)
+    rows = torch.tensor([3, -1, 0], device=device)
+    cache[rows[rows >= 0]] = 0   # the sequences start from zeros
+    untouched = cache[[1, 2, 4]].clone()
+    x3 = torch.cat([x[:1], torch.full_like(x[:1], float("nan")), x[1:]])   # element 1 pads: never read
+    outs = []
+    for t0 in range(0, seqlen, steps):
+        lengths = torch.full((3,), t0, device=device, dtype=torch.int32)
+        outs.append(shammie.causal_conv1d_update(x3[..., t0 : t0 + steps], cache, w, b, "silu",
+                                                 cache_seqlens=lengths, conv_state_indices=rows))
+    out = torch.cat(outs, dim=-1)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu())), "a padding element's out is zero"
+    low = causal_conv1d_reference(*(t.cpu().float() if dtype != torch.float64 else t.cpu() for t in (x, w, b)),
+                                  activation="silu")
+    assert_matches_reference(out[[0, 2]], full, low.to(dtype), "out")
+    assert torch.equal(cache[[1, 2, 4]], untouched), "rows no element names must not change"
+    for pos in range(seqlen - state_len, seqlen):   # circular: stream position pos sits in slot pos % state_len
+        assert torch.equal(cache[3, :, pos % state_len], x[0, :, pos]), f"slot of position {pos}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_continuous_batching_opcheck_and_bad_input(device):
+    x, w, b = make((2, 4, 3, 4), torch.float32, device)
+    cache = torch.randn(3, 4, 5, device=device)
+    rows, lengths = torch.tensor([2, 0], device=device), torch.tensor([7, 0], device=device, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.shammie.causal_conv1d_update, (x, cache, w, b, True, rows, lengths))
+    call = lambda **kw: shammie.causal_conv1d_update(x, cache, w, b, "silu", **kw)
+    for kwargs, error, message in (
+            (dict(conv_state_indices=torch.tensor([3, 0])), ValueError,
+             r"conv_state_indices\[0\] = 3 is not a state row in \[0, 3\) or -1"),
+            (dict(conv_state_indices=torch.tensor([1, 1])), ValueError, "names state row 1 twice"),
+            (dict(conv_state_indices=torch.tensor([1.0, 0.0])), TypeError,
+             "conv_state_indices must be int32 or int64"),
+            (dict(cache_seqlens=torch.tensor([1, -1]), conv_state_indices=rows), ValueError,
+             r"cache_seqlens\[1\] = -1 must be >= 0"),
+            (dict(cache_seqlens=torch.tensor([1]), conv_state_indices=rows), ValueError,
+             r"cache_seqlens must have shape \(batch,\) = \(2,\)"),
+            (dict(), ValueError, r"conv_state must be \(batch, dim, state_len\) = \(2, 4, state_len\)")):
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+        with pytest.raises(error, match=message):
+            call(**kwargs)

@@ -134,3 +134,44 @@ def test_bad_input_is_a_clear_error():
         shammie.selective_state_update(**{**m2, "B": torch.randn(1, 2, 8), "C": torch.randn(1, 2, 8)})
     with pytest.raises(ValueError, match="must be on the same device as x"):
         call(C=good["C"].to("meta"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["mamba1 N=16", "mamba2 heads=4 groups=2"])
+def test_state_batch_indices_update_the_named_cache_rows(case, dtype, device):
+    """Continuous batching: element b updates cache row indices[b]; −1 pads; other rows stay as they were."""
+    inputs = make(**{**CASES[case], "batch": 3}, dtype=dtype, device=device)
+    cache = make(**{**CASES[case], "batch": 6}, dtype=dtype, device=device, seed=5)["state"]
+    rows = torch.tensor([4, -1, 1], device=device, dtype=torch.int32)
+    inputs["state"] = cache[rows.long().clamp(min=0)].clone()       # what each element starts from
+    (ref_out, ref_state), (low_out, low_state) = run_reference(inputs, True, dtype)
+    before = cache.clone()
+    out = shammie.selective_state_update(**{**inputs, "state": cache}, dt_softplus=True, state_batch_indices=rows)
+    for b, row in enumerate(rows.tolist()):
+        if row < 0:
+            assert torch.equal(out[b].cpu(), torch.zeros_like(out[b].cpu())), "a padding element's out is zero"
+            continue
+        assert_matches_reference(out[b], ref_out[b], low_out[b].to(dtype), f"out {b}")
+        assert_matches_reference(cache[row], ref_state[b], low_state[b].to(dtype), f"state row {row}")
+    untouched = [r for r in range(6) if r not in rows.tolist()]
+    assert torch.equal(cache[untouched], before[untouched]), "rows no element names must not change"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_batch_indices_opcheck_and_bad_input(device):
+    inputs = make(2, 8, 16, device=device)
+    cache = torch.randn(5, 8, 16, device=device)
+    args = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    torch.library.opcheck(torch.ops.shammie.selective_state_update,
+                          (cache, *args, True, torch.tensor([3, 0], device=device)))
+    call = lambda rows: shammie.selective_state_update(cache, *args, dt_softplus=True, state_batch_indices=rows)
+    for rows, error, message in (
+            ([3, 5], ValueError, r"state_batch_indices\[1\] = 5 is not a state row in \[0, 5\) or -1"),
+            ([-2, 0], ValueError, r"state_batch_indices\[0\] = -2 is not a state row"),
+            ([2, 2], ValueError, "names state row 2 twice"),
+            ([1, 2, 3], ValueError, r"state_batch_indices must have shape \(batch,\) = \(2,\)"),
+            ([0.0, 1.0], TypeError, "state_batch_indices must be int32 or int64")):
+        with pytest.raises(error, match=message):
+            call(torch.tensor(rows, device=device))
+    call(torch.tensor([-1, -1], device=device))   # padding may repeat

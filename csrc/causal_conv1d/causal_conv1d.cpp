@@ -73,8 +73,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   return {args.grad_x, args.grad_weight, args.grad_bias};
 }
 
+// cache_seqlens (batch,) int32 or int64, each ≥ 0; checked on the host (from a GPU: a small copy and a sync).
+at::Tensor checked_cache_seqlens(const char* op, const at::Tensor& lengths, const at::Tensor& x, int64_t batch) {
+  check_same_device(op, {x, "x"}, {lengths, "cache_seqlens"});
+  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, op,
+                   ": cache_seqlens must be int32 or int64, got ", lengths.scalar_type());
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == batch, op, ": cache_seqlens must have shape (batch,) = (",
+                    batch, ",), got ", lengths.sizes());
+  const at::Tensor as_long = lengths.to(at::kLong).contiguous();
+  const at::Tensor host = as_long.to(at::kCPU);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t c = host.const_data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(c >= 0, op, ": cache_seqlens[", b, "] = ", c, " must be >= 0");
+  }
+  return as_long;
+}
+
 at::Tensor update(const at::Tensor& x_in, const at::Tensor& conv_state, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, bool silu, UpdateKernel kernel) {
+                  const std::optional<at::Tensor>& bias, bool silu,
+                  const std::optional<at::Tensor>& conv_state_indices,
+                  const std::optional<at::Tensor>& cache_seqlens, UpdateKernel kernel) {
   constexpr const char* op = "causal_conv1d_update";
   TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 3, op,
                     ": x must be (batch, dim) or (batch, dim, seqlen), got a tensor of shape ", x_in.sizes());
@@ -84,15 +102,25 @@ at::Tensor update(const at::Tensor& x_in, const at::Tensor& conv_state, const at
   check_same_dtype(op, {x, "x"}, {conv_state, "conv_state"});
   check_same_device(op, {x, "x"}, {conv_state, "conv_state"});
   check_weight_and_bias(op, x, weight, bias, x.size(1));
-  TORCH_CHECK_VALUE(conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1), op,
-                    ": conv_state must be (batch, dim, state_len) = (", x.size(0), ", ", x.size(1),
-                    ", state_len), got ", conv_state.sizes());
+  if (conv_state_indices) {   // conv_state is a cache with any number of rows
+    TORCH_CHECK_VALUE(conv_state.size(1) == x.size(1), op, ": conv_state must be (cache_rows, dim, state_len) with dim = ",
+                      x.size(1), ", got ", conv_state.sizes());
+  } else {
+    TORCH_CHECK_VALUE(conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1), op,
+                      ": conv_state must be (batch, dim, state_len) = (", x.size(0), ", ", x.size(1),
+                      ", state_len), got ", conv_state.sizes());
+  }
   TORCH_CHECK_VALUE(conv_state.size(2) >= weight.size(1) - 1, op, ": conv_state's state_len (",
                     conv_state.size(2), ") must be at least width - 1 = ", weight.size(1) - 1);
   std::optional<at::Tensor> b;
   if (bias) b = bias->contiguous();
   UpdateArgs args{x.size(0), x.size(1), x.size(2), weight.size(1), conv_state.size(2), silu, x, conv_state,
                   weight.contiguous(), b, at::empty(x.sizes(), x.options())};
+  if (conv_state_indices) {
+    args.state_rows = checked_state_indices(op, *conv_state_indices, "conv_state_indices", {x_in, "x"}, x.size(0),
+                                            conv_state.size(0));
+  }
+  if (cache_seqlens) args.cache_seqlens = checked_cache_seqlens(op, *cache_seqlens, x, x.size(0));
   if (args.out.numel() > 0) kernel(args);
   return x_in.dim() == 2 ? args.out.squeeze(-1) : args.out;
 }
@@ -111,8 +139,8 @@ TORCH_LIBRARY_FRAGMENT(shammie, m) {
       "causal_conv1d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, bool silu, "
       "Tensor? seq_idx=None) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> "
-      "Tensor");
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu, "
+      "Tensor? conv_state_indices=None, Tensor? cache_seqlens=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shammie, CPU, m) {
@@ -126,8 +154,10 @@ TORCH_LIBRARY_IMPL(shammie, CPU, m) {
            return conv1d::backward(g, x, w, b, silu, seq, backward_cpu);
          });
   m.impl("causal_conv1d_update",
-         [](const at::Tensor& x, const at::Tensor& state, const at::Tensor& w,
-            const std::optional<at::Tensor>& b, bool silu) { return conv1d::update(x, state, w, b, silu, update_cpu); });
+         [](const at::Tensor& x, const at::Tensor& state, const at::Tensor& w, const std::optional<at::Tensor>& b,
+            bool silu, const std::optional<at::Tensor>& rows, const std::optional<at::Tensor>& lengths) {
+           return conv1d::update(x, state, w, b, silu, rows, lengths, update_cpu);
+         });
 }
 
 }  // namespace shammie

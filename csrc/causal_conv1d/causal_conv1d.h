@@ -3,7 +3,10 @@
 //   out = silu(pre) if activation == "silu" else pre
 // With packed sequences (seq_idx (batch, L)), a tap reads x[b, d, s] only if seq_idx[b, s] == seq_idx[b, t]:
 // each sequence is convolved as if it started at zero.
-// and the decode step, which runs the same window over [conv_state, x] and shifts x into the state.
+// and the decode step, which runs the same window over [conv_state, x] and shifts x into the state
+// (with conv_state_indices, batch element b uses row indices[b] of a larger state cache; −1 pads;
+// with cache_seqlens, conv_state is a circular buffer: stream position c lives in slot c % state_len,
+// and x's first step is position cache_seqlens[b], so the state is written, not shifted).
 // This header holds what the CPU and CUDA kernels share: the per-element math, the argument
 // structs and the front end.
 #pragma once
@@ -72,7 +75,13 @@ struct UpdateArgs {
   at::Tensor weight;
   std::optional<at::Tensor> bias;
   at::Tensor out;                  // (batch, dim, steps), contiguous
+  std::optional<at::Tensor> state_rows;     // (batch,) int64: each element's conv_state row (−1: padding)
+  std::optional<at::Tensor> cache_seqlens;  // (batch,) int64 ≥ 0: circular conv_state, x's stream position
 };
+
+// Slot of the circular conv_state holding entry j of the window [conv_state, x] (j < state_len: the
+// state, oldest first). Without cache_seqlens the state is kept in order (start 0, shifted each step).
+SHAMMIE_HD int64_t state_slot(int64_t start, int64_t j, int64_t state_len) { return (start + j) % state_len; }
 
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -88,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         const std::optional<at::Tensor>& seq_idx,
                                                         BackwardKernel kernel);
 at::Tensor update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, bool silu, UpdateKernel kernel);
+                  const std::optional<at::Tensor>& bias, bool silu,
+                  const std::optional<at::Tensor>& conv_state_indices,
+                  const std::optional<at::Tensor>& cache_seqlens, UpdateKernel kernel);
 
 }  // namespace shammie::conv1d

@@ -204,18 +204,34 @@ void update_typed(const UpdateArgs& a) {
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   scalar_t* state = a.conv_state.mutable_data_ptr<scalar_t>();
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  const int64_t* state_rows = a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr;
+  const int64_t* cache_seqlens = a.cache_seqlens ? a.cache_seqlens->const_data_ptr<int64_t>() : nullptr;
   const int64_t W = a.width, S = a.state_len, n = a.steps;
   at::parallel_for(0, a.batch * a.dim, 256, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> seq(S + n), pre(n);   // [conv_state, x]
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / a.dim, d = row % a.dim;
-      scalar_t* st = state + b * ss.batch + d * ss.dim;
-      for (int64_t i = 0; i < S; ++i) seq[i] = from_storage<acc_t>(st[i * ss.time]);
-      for (int64_t i = 0; i < n; ++i) seq[S + i] = from_storage<acc_t>(x[b * xs.batch + d * xs.dim + i * xs.time]);
+      const int64_t b = row / a.dim, d = row % a.dim, state_row = state_rows ? state_rows[b] : b;
+      if (state_row < 0) {   // a padding element
+        std::fill_n(out + row * n, n, to_storage<scalar_t>(acc_t(0)));
+        continue;
+      }
+      scalar_t* st = state + state_row * ss.batch + d * ss.dim;
+      const scalar_t* xr = x + b * xs.batch + d * xs.dim;
+      const int64_t start = cache_seqlens ? cache_seqlens[b] % S : 0;   // circular: the oldest entry's slot
+      if (cache_seqlens) {
+        for (int64_t i = 0; i < S; ++i) seq[i] = from_storage<acc_t>(st[state_slot(start, i, S) * ss.time]);
+      } else {
+        for (int64_t i = 0; i < S; ++i) seq[i] = from_storage<acc_t>(st[i * ss.time]);
+      }
+      for (int64_t i = 0; i < n; ++i) seq[S + i] = from_storage<acc_t>(xr[i * xs.time]);
       // out[i] reads seq[S + i − lag(w)]; the window starts at S − (W − 1) ≥ 0.
       window(seq.data() + S - (W - 1), params.weight.data() + d * W, W, params.bias[d], n, pre.data());
       for (int64_t i = 0; i < n; ++i) out[row * n + i] = to_storage<scalar_t>(activate(pre[i], a.silu));
-      for (int64_t i = 0; i < S; ++i) st[i * ss.time] = to_storage<scalar_t>(seq[n + i]);
+      if (cache_seqlens) {   // circular: x's last S steps go to their slots
+        for (int64_t i = std::max<int64_t>(0, n - S); i < n; ++i) st[state_slot(start, i, S) * ss.time] = xr[i * xs.time];
+      } else {               // in order: the window's last S entries
+        for (int64_t i = 0; i < S; ++i) st[i * ss.time] = to_storage<scalar_t>(seq[n + i]);
+      }
     }
   });
 }

@@ -130,22 +130,36 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const scalar_t* __restrict__ x, Strides xs, scalar_t* state, Strides ss,
-                  const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
-                  int64_t batch, int64_t dim, int64_t steps, int64_t width, int64_t state_len, bool silu) {
+                  const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                  const int64_t* __restrict__ state_rows, const int64_t* __restrict__ cache_seqlens,
+                  scalar_t* __restrict__ out, int64_t batch, int64_t dim,
+                  int64_t steps, int64_t width, int64_t state_len, bool silu) {
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < batch * dim;
        row += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = row / dim, d = row % dim;
-    scalar_t* st = state + b * ss.batch + d * ss.dim;
+    const int64_t b = row / dim, d = row % dim, state_row = state_rows ? state_rows[b] : b;
+    if (state_row < 0) {   // a padding element
+      for (int64_t i = 0; i < steps; ++i) out[row * steps + i] = scalar_t(0);
+      continue;
+    }
+    scalar_t* st = state + state_row * ss.batch + d * ss.dim;
     const scalar_t* xr = x + b * xs.batch + d * xs.dim;
-    // seq = [conv_state, x]; seq(j) for j < state_len + steps.
-    auto seq = [&](int64_t j) { return j < state_len ? acc_t(st[j * ss.time]) : acc_t(xr[(j - state_len) * xs.time]); };
+    // seq = [conv_state (oldest first), x]; seq(j) for j < state_len + steps.
+    const int64_t start = cache_seqlens ? cache_seqlens[b] % state_len : 0;
+    auto seq = [&](int64_t j) {
+      if (j >= state_len) return acc_t(xr[(j - state_len) * xs.time]);
+      return acc_t(st[(cache_seqlens ? state_slot(start, j, state_len) : j) * ss.time]);
+    };
     for (int64_t i = 0; i < steps; ++i) {
       acc_t acc = bias ? acc_t(bias[d]) : acc_t(0);
       for (int64_t w = 0; w < width; ++w) acc += acc_t(weight[d * width + w]) * seq(state_len + i - lag(w, width));
       out[row * steps + i] = scalar_t(activate(acc, silu));
     }
-    // Shift: new state[i] = seq(steps + i). Increasing i only ever reads entries not yet written.
-    for (int64_t i = 0; i < state_len; ++i) st[i * ss.time] = scalar_t(seq(steps + i));
+    if (cache_seqlens) {   // circular: x's last state_len steps go to their slots
+      for (int64_t i = steps > state_len ? steps - state_len : 0; i < steps; ++i)
+        st[state_slot(start, i, state_len) * ss.time] = xr[i * xs.time];
+    } else {   // shift: new state[i] = seq(steps + i); increasing i only reads entries not yet written
+      for (int64_t i = 0; i < state_len; ++i) st[i * ss.time] = scalar_t(seq(steps + i));
+    }
   }
 }
 
@@ -207,7 +221,9 @@ void update_cuda(const UpdateArgs& a) {
     update_kernel<scalar_t, acc_t><<<blocks_for(a.batch * a.dim), kThreads, 0, stream>>>(
         a.x.const_data_ptr<scalar_t>(), strides_of(a.x), a.conv_state.mutable_data_ptr<scalar_t>(),
         strides_of(a.conv_state), a.weight.const_data_ptr<scalar_t>(), bias_ptr<scalar_t>(a.bias),
-        a.out.mutable_data_ptr<scalar_t>(), a.batch, a.dim, a.steps, a.width, a.state_len, a.silu);
+        a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr,
+        a.cache_seqlens ? a.cache_seqlens->const_data_ptr<int64_t>() : nullptr, a.out.mutable_data_ptr<scalar_t>(),
+        a.batch, a.dim, a.steps, a.width, a.state_len, a.silu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -227,7 +243,8 @@ TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
     return conv1d::backward(g, x, w, b, silu, seq, conv1d::cuda::backward_cuda);
   });
   m.impl("causal_conv1d_update", [](const at::Tensor& x, const at::Tensor& state, const at::Tensor& w,
-                                    const std::optional<at::Tensor>& b, bool silu) {
-    return conv1d::update(x, state, w, b, silu, conv1d::cuda::update_cuda);
+                                    const std::optional<at::Tensor>& b, bool silu,
+                                    const std::optional<at::Tensor>& rows, const std::optional<at::Tensor>& lengths) {
+    return conv1d::update(x, state, w, b, silu, rows, lengths, conv1d::cuda::update_cuda);
   });
 }

@@ -34,12 +34,14 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
                                   const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& C_in,
                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z_in,
                                   const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
-                                  StateUpdateKernel kernel) {
+                                  const std::optional<at::Tensor>& state_batch_indices, StateUpdateKernel kernel) {
   TORCH_CHECK_VALUE(state_in.dim() == 3 || state_in.dim() == 4, kOp,
                     ": state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got ", state_in.sizes());
   const bool four_d = state_in.dim() == 4;
   const at::Tensor state = four_d ? state_in : state_in.unsqueeze(1);
-  const int64_t batch = state.size(0), heads = state.size(1), dim = state.size(2), dstate = state.size(3);
+  // With state_batch_indices the state is a cache of any number of rows, and x gives the batch.
+  const int64_t batch = state_batch_indices && x_in.dim() > 0 ? x_in.size(0) : state.size(0);
+  const int64_t heads = state.size(1), dim = state.size(2), dstate = state.size(3);
   TORCH_CHECK_VALUE(dstate >= 1, kOp, ": state's dstate must be at least 1, got ", state_in.sizes());
   check_floating(kOp, {state_in, "state"});
   check_floating(kOp, {x_in, "x"});
@@ -86,6 +88,10 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
                        channel_param(D, "D", x_in, heads, dim, four_d, acc),
                        channel_param(dt_bias, "dt_bias", x_in, heads, dim, four_d, acc),
                        at::empty({batch, heads, dim}, x_in.options())};
+  if (state_batch_indices) {
+    args.state_rows = checked_state_indices(kOp, *state_batch_indices, "state_batch_indices", {x_in, "x"}, batch,
+                                            state.size(0));
+  }
   if (args.out.numel() > 0) kernel(args);
   return args.out.view(x_in.sizes());
 }
@@ -99,15 +105,16 @@ void state_update_cpu(const ssm::StateUpdateArgs& a) { SHAMMIE_CPU_DISPATCH(sele
 TORCH_LIBRARY_FRAGMENT(shammie, m) {
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-      "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shammie, CPU, m) {
   m.impl("selective_state_update",
          [](const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
             const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-            const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
-           return ssm::selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_update_cpu);
+            const std::optional<at::Tensor>& dt_bias, bool dt_softplus, const std::optional<at::Tensor>& rows) {
+           return ssm::selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows,
+                                              state_update_cpu);
          });
 }
 

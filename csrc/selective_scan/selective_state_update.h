@@ -3,6 +3,8 @@
 // Mamba-2 layout: state (batch, H, P, N), x/dt/z (batch, H, P), A (H, P, N), B/C (batch, G, N),
 // D/dt_bias (H, P), with H % G == 0 and head h reading group h / (H / G).
 // The front end views Mamba-1 as Mamba-2 with H = G = 1; the kernels see only the latter.
+// Continuous batching: with state_batch_indices, batch element b updates state row indices[b] of a
+// larger cache (−1: a padding element, whose state is untouched and whose out is zero).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,6 +23,7 @@ struct StateUpdateArgs {
   at::Tensor B, C;     // (batch, G, N), contiguous
   at::Tensor D, dt_bias;  // (H, P), contiguous, accumulation dtype (zeros when not given)
   at::Tensor out;      // (batch, H, P), contiguous
+  std::optional<at::Tensor> state_rows;  // (batch,) int64: each element's row of state (−1: padding)
 };
 
 using StateUpdateKernel = void (*)(const StateUpdateArgs&);
@@ -29,6 +32,6 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                                   const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
-                                  StateUpdateKernel kernel);
+                                  const std::optional<at::Tensor>& state_batch_indices, StateUpdateKernel kernel);
 
 }  // namespace shammie::ssm

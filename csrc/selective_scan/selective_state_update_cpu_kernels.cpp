@@ -34,6 +34,7 @@ void update_typed(const ssm::StateUpdateArgs& a) {
   const acc_t* D = a.D.const_data_ptr<acc_t>();
   const acc_t* dt_bias = a.dt_bias.const_data_ptr<acc_t>();
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  const int64_t* state_rows = a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr;
   const int64_t blocks_per_batch = (HP + kChannelBlock - 1) / kChannelBlock;
 
   // Work items: (batch, block of channels). The per-channel scalar math (step size, D, gate) runs
@@ -43,6 +44,11 @@ void update_typed(const ssm::StateUpdateArgs& a) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks_per_batch, c0 = (item % blocks_per_batch) * kChannelBlock;
       const int64_t count = std::min(kChannelBlock, HP - c0), r0 = b * HP + c0;
+      const int64_t state_row = state_rows ? state_rows[b] : b;
+      if (state_row < 0) {   // a padding element
+        std::fill_n(out + r0, count, to_storage<scalar_t>(acc_t(0)));
+        continue;
+      }
       if (a.softplus) {
 #pragma omp simd
         for (int64_t i = 0; i < count; ++i) steps[i] = ssm::step_size(from_storage<acc_t>(dt[r0 + i]), dt_bias[c0 + i], true);
@@ -56,7 +62,7 @@ void update_typed(const ssm::StateUpdateArgs& a) {
         const acc_t* a_row = A + channel * N;
         const scalar_t* b_row = B + (b * a.groups + g) * N;
         const scalar_t* c_row = C + (b * a.groups + g) * N;
-        state_t* s = state + b * sb + h * sh + p * sp;
+        state_t* s = state + state_row * sb + h * sh + p * sp;
         acc_t y = 0;
         if (sn == 1) {   // the usual layout: a unit-stride loop the compiler vectorizes
           // simdlen: with 16-bit inputs GCC would otherwise pick 32 iterations per step, more than

@@ -26,18 +26,24 @@ __global__ void __launch_bounds__(kThreads)
     state_update_kernel(state_t* state, StateStrides ss, const scalar_t* __restrict__ x,
                         const scalar_t* __restrict__ dt, const scalar_t* __restrict__ z, const acc_t* __restrict__ A,
                         const scalar_t* __restrict__ B, const scalar_t* __restrict__ C, const acc_t* __restrict__ D,
-                        const acc_t* __restrict__ dt_bias, scalar_t* __restrict__ out, int64_t batch, int64_t heads,
-                        int64_t dim, int64_t dstate, int64_t groups, bool softplus) {
+                        const acc_t* __restrict__ dt_bias, const int64_t* __restrict__ state_rows,
+                        scalar_t* __restrict__ out, int64_t batch, int64_t heads, int64_t dim, int64_t dstate,
+                        int64_t groups, bool softplus) {
   const int64_t rows = batch * heads * dim, heads_per_group = heads / groups;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows; row += int64_t(gridDim.x) * blockDim.x) {
     const int64_t p = row % dim, h = (row / dim) % heads, b = row / (dim * heads), g = h / heads_per_group;
     const int64_t channel = h * dim + p;
+    const int64_t state_row = state_rows ? state_rows[b] : b;
+    if (state_row < 0) {   // a padding element
+      out[row] = scalar_t(0);
+      continue;
+    }
     const acc_t xv = acc_t(x[row]);
     const acc_t step = step_size(acc_t(dt[row]), dt_bias[channel], softplus);
     const acc_t* a_row = A + channel * dstate;
     const scalar_t* b_row = B + (b * groups + g) * dstate;
     const scalar_t* c_row = C + (b * groups + g) * dstate;
-    state_t* s = state + b * ss.b + h * ss.h + p * ss.p;
+    state_t* s = state + state_row * ss.b + h * ss.h + p * ss.p;
     acc_t y = 0;
     for (int64_t n = 0; n < dstate; ++n) {
       const acc_t hn = state_step(acc_t(s[n * ss.n]), step, a_row[n], acc_t(b_row[n]), xv);
@@ -63,7 +69,7 @@ void state_update_cuda(const StateUpdateArgs& a) {
           state, ss, a.x.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<scalar_t>(),
           a.z ? a.z->const_data_ptr<scalar_t>() : nullptr, a.A.const_data_ptr<acc_t>(), a.B.const_data_ptr<scalar_t>(),
           a.C.const_data_ptr<scalar_t>(), a.D.const_data_ptr<acc_t>(), a.dt_bias.const_data_ptr<acc_t>(),
-          a.out.mutable_data_ptr<scalar_t>(), a.batch, a.heads, a.dim, a.dstate, a.groups, a.softplus);
+          a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr, a.out.mutable_data_ptr<scalar_t>(), a.batch, a.heads, a.dim, a.dstate, a.groups, a.softplus);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (a.state.scalar_type() == a.x.scalar_type()) launch(a.state.mutable_data_ptr<scalar_t>());
@@ -78,8 +84,8 @@ TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
   m.impl("selective_state_update",
          [](const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
             const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-            const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
-           return shammie::ssm::selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+            const std::optional<at::Tensor>& dt_bias, bool dt_softplus, const std::optional<at::Tensor>& rows) {
+           return shammie::ssm::selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows,
                                                       shammie::ssm::cuda::state_update_cuda);
          });
 }

@@ -37,15 +37,18 @@ def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=
     return shammie.causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation=activation).to(hidden_states.dtype)
 
 
-def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
+def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None, **kwargs):
     x = hidden_states.to(weight.dtype)
-    return shammie.causal_conv1d_update(x, conv_state, weight, bias, activation).to(hidden_states.dtype)
+    return shammie.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens=cache_seqlens,
+                                        conv_state_indices=conv_state_indices).to(hidden_states.dtype)
 
 
 def selective_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None,
-                           **kwargs):
+                           state_batch_indices=None, **kwargs):
     _no_packed_sequences(kwargs, "selective_state_update")
-    return shammie.selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return shammie.selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                          state_batch_indices=state_batch_indices)
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
