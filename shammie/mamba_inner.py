@@ -30,7 +30,8 @@ def mamba_inner_fn(xz: torch.Tensor, conv1d_weight: torch.Tensor, conv1d_bias: t
     """xz: (batch, 2·dim, L), the in-projection's output, x then z. conv1d_weight: (dim, width) or the
     Conv1d module's (dim, 1, width). x_proj_weight: (dt_rank + 2N, dim); delta_proj_weight:
     (dim, dt_rank); A: (dim, N). B / C: None to take them from x_proj (input-dependent), or as
-    selective_scan_fn accepts. Optional RMS norms of B, C and dt (Falcon-Mamba). Returns
+    selective_scan_fn accepts. Optional RMS norms (mamba_ssm's, used for Falcon-Mamba): of B and C over
+    their dstate (weights (dstate,)), and of delta after dt_proj over its dim (weight (dim,)). Returns
     (batch, L, out_features). `checkpoint_lvl` is accepted for compatibility; the scan always
     recomputes its states in the backward."""
     if xz.dim() != 3 or xz.shape[1] % 2:
@@ -49,9 +50,10 @@ def mamba_inner_fn(xz: torch.Tensor, conv1d_weight: torch.Tensor, conv1d_bias: t
                          activation="silu")
     x_dbl = F.linear(x.transpose(1, 2), x_proj_weight.to(dtype))            # (batch, L, dt_rank + 2N)
     dt, B_in, C_in = x_dbl.split([dt_rank, dstate, dstate], dim=-1)
-    if dt_rms_weight is not None:
-        dt = _rms_norm(dt, dt_rms_weight, b_c_dt_rms_eps)
-    delta = F.linear(dt, delta_proj_weight.to(dtype)).transpose(1, 2)       # (batch, dim, L)
+    delta = F.linear(dt, delta_proj_weight.to(dtype))                       # (batch, L, dim)
+    if dt_rms_weight is not None:   # as mamba_ssm: over the dim channels of delta, after dt_proj
+        delta = _rms_norm(delta, dt_rms_weight, b_c_dt_rms_eps)
+    delta = delta.transpose(1, 2)                                            # (batch, dim, L)
 
     def input_dependent(given, projected, bias, rms_weight):
         if given is not None:

@@ -11,6 +11,9 @@ Python loop over the sequence). `use_shammie_kernels()` rebinds those names to s
   SSD scan, gated RMSNorm and out-projection), prefill (`causal_conv1d_fn` + `mamba_chunk_scan_combined`,
   with the start state of a chunked prefill and the final state for the cache) and decode
   (`causal_conv1d_update` + `selective_state_update`).
+- The hybrids transformers generates from those mixers, which call the same functions: Falcon-Mamba,
+  Jamba and Zamba (Mamba-1 blocks); Bamba, Falcon-H1, GraniteMoeHybrid, Nemotron-H and Zamba2
+  (Mamba-2 blocks); and the short convolutions of LFM2 and Qwen3-Next.
 
 Call it once, or use it as a context manager; `restore()` (or leaving the `with`) undoes it.
 """
@@ -33,6 +36,7 @@ def _no_packed_sequences(kwargs, name):
 
 
 def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=None, **kwargs):
+    _no_packed_sequences(kwargs, "causal_conv1d_fn")   # seq_idx is honoured; cu_seqlens would not be
     x = hidden_states.to(weight.dtype)
     return shammie.causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation=activation).to(hidden_states.dtype)
 
@@ -86,23 +90,59 @@ def mamba2_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bia
         outproj_bias=outproj_bias, headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate)
 
 
-# module -> {name in that module: shammie's replacement}
+def mamba_inner(*args, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None, **kwargs):
+    """transformers' `mamba_inner_fn` (Mamba's training path). Falcon-Mamba's norms (the rms weights)
+    return None, which sends transformers to its unfused path (on shammie's conv and scan): its model
+    normalizes dt before dt_proj, while mamba_ssm's fused function, and shammie's, normalize delta after."""
+    if any(w is not None for w in (b_rms_weight, c_rms_weight, dt_rms_weight)):
+        return None
+    return mamba_inner_fn(*args, **kwargs)
+
+
+# transformers' names for the kernel entry points -> shammie's replacement.
 _REPLACEMENTS = {
-    "transformers.models.mamba.modeling_mamba": {
-        "causal_conv1d_fn": causal_conv1d_fn,
-        "causal_conv1d_update": causal_conv1d_update,
-        "mamba_inner_fn": mamba_inner_fn,
-        "mamba_selective_scan": selective_scan,
-        "mamba_selective_state_update": selective_state_update,
-    },
-    "transformers.models.mamba2.modeling_mamba2": {
-        "causal_conv1d_fn": causal_conv1d_fn,
-        "causal_conv1d_update": causal_conv1d_update,
-        "mamba2_selective_state_update": selective_state_update,
-        "mamba2_chunk_scan": mamba2_chunk_scan,
-        "mamba2_split_conv1d_scan_combined": mamba2_split_conv1d_scan_combined,
-    },
+    "causal_conv1d_fn": causal_conv1d_fn,
+    "causal_conv1d_update": causal_conv1d_update,
+    "mamba_inner_fn": mamba_inner,
+    "mamba_selective_scan": selective_scan,
+    "mamba_selective_state_update": selective_state_update,
+    "mamba2_selective_state_update": selective_state_update,
+    "mamba2_chunk_scan": mamba2_chunk_scan,
+    "mamba2_split_conv1d_scan_combined": mamba2_split_conv1d_scan_combined,
 }
+
+# Mamba and Mamba2 must route every kernel through these names (else this transformers version is not
+# one shammie knows). The other models below were generated from them by transformers' modular
+# converter: the same functions, signatures and fallbacks (tests/test_hf_hybrids.py checks their
+# logits, gradients and generations). A model missing from the installed version is skipped.
+_REQUIRED = {
+    "mamba": ("causal_conv1d_fn", "causal_conv1d_update", "mamba_inner_fn", "mamba_selective_scan",
+              "mamba_selective_state_update"),
+    "mamba2": ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_selective_state_update", "mamba2_chunk_scan",
+               "mamba2_split_conv1d_scan_combined"),
+}
+_HYBRIDS = ("falcon_mamba", "jamba", "zamba",                                           # Mamba-1 blocks
+            "bamba", "falcon_h1", "granitemoehybrid", "nemotron_h", "zamba2",           # Mamba-2 blocks
+            "lfm2", "qwen3_next")                                                       # short convs only
+
+
+def _modules():
+    """(module, names to patch) for every model above that this transformers version has."""
+    found = []
+    for model in (*_REQUIRED, *_HYBRIDS):
+        try:
+            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        except ModuleNotFoundError:
+            if model in _REQUIRED:
+                raise
+            continue
+        names = [name for name in _REPLACEMENTS if hasattr(module, name)]
+        missing = [name for name in _REQUIRED.get(model, ()) if name not in names]
+        if missing:
+            raise RuntimeError(f"use_shammie_kernels: {module.__name__} lacks {', '.join(missing)}; this "
+                               "transformers version routes its Mamba kernels differently")
+        found.append((module, names))
+    return found
 
 
 class use_shammie_kernels:
@@ -114,14 +154,10 @@ class use_shammie_kernels:
 
     def __init__(self):
         self._saved = []
-        for module_name, replacements in _REPLACEMENTS.items():
-            module = importlib.import_module(module_name)
-            for name, fn in replacements.items():
-                if not hasattr(module, name):
-                    raise RuntimeError(f"use_shammie_kernels: {module_name}.{name} is missing; this transformers "
-                                       "version routes its Mamba kernels differently")
+        for module, names in _modules():
+            for name in names:
                 self._saved.append((module, name, getattr(module, name)))
-                setattr(module, name, fn)
+                setattr(module, name, _REPLACEMENTS[name])
 
     def restore(self) -> None:
         """Put transformers' own functions back."""
