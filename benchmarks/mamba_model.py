@@ -1,9 +1,9 @@
-"""Whole-model benchmark: a MambaForCausalLM with the Mamba-130M configuration, or a
-Mamba2ForCausalLM with Mamba2-130M's (`--model mamba2`), random weights, built offline; prefill and
-greedy generation in tokens/s, on transformers' own torch path and inside `use_shammie_kernels()`,
-side by side in one process.
+"""Whole-model benchmark: a MambaForCausalLM with the Mamba-130M configuration, a Mamba2ForCausalLM
+with Mamba2-130M's (`--model mamba2`), or a Bamba / Jamba hybrid of that width (`--model bamba|jamba`),
+random weights, built offline; prefill and greedy generation in tokens/s, on transformers' own torch
+path and inside `use_shammie_kernels()`, side by side in one process.
 
-    python -m shammie.benchmarks.mamba_model [--model mamba|mamba2] [--device cpu] [--prompt 512] [--new-tokens 32] [--batch 1] [--threads N]
+    python -m shammie.benchmarks.mamba_model [--model mamba|mamba2|bamba|jamba] [--device cpu] [--prompt 512] [--new-tokens 32] [--batch 1] [--threads N]
 
 On a shared, loaded CPU pass --threads 1: with more threads than free cores every small parallel op waits
 for a descheduled worker (milliseconds per op), which swamps a decode step on both paths.
@@ -35,8 +35,36 @@ def mamba2_130m(device, dtype):
     return transformers.Mamba2ForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
+def bamba_small(device, dtype):
+    """A Bamba (Mamba-2 + attention) hybrid at the 130M models' width: 24 layers, 3 of them attention."""
+    import transformers
+
+    config = transformers.BambaConfig(vocab_size=50280, hidden_size=768, intermediate_size=2048, num_hidden_layers=24,
+                                      attn_layer_indices=[6, 12, 18], num_attention_heads=12, num_key_value_heads=4,
+                                      mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+                                      mamba_expand=2, mamba_chunk_size=256)
+    torch.manual_seed(0)
+    return transformers.BambaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def jamba_small(device, dtype):
+    """A Jamba (Mamba-1 + attention + MoE) hybrid at the 130M models' width: 24 layers, attention every
+    8th, 4 experts (top 2) every other layer."""
+    import transformers
+
+    config = transformers.JambaConfig(vocab_size=50280, hidden_size=768, intermediate_size=1536, num_hidden_layers=24,
+                                      attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2,
+                                      expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                                      num_attention_heads=12, num_key_value_heads=4, mamba_d_state=16,
+                                      mamba_d_conv=4, mamba_expand=2)
+    torch.manual_seed(0)
+    return transformers.JambaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
 MODELS = {"mamba": ("MambaForCausalLM, Mamba-130M config", mamba_130m),
-          "mamba2": ("Mamba2ForCausalLM, Mamba2-130M config", mamba2_130m)}
+          "mamba2": ("Mamba2ForCausalLM, Mamba2-130M config", mamba2_130m),
+          "bamba": ("BambaForCausalLM, 24 layers (3 attention) at width 768", bamba_small),
+          "jamba": ("JambaForCausalLM, 24 layers (3 attention, MoE every other) at width 768", jamba_small)}
 
 
 def _timed(fn, device, repeats):
