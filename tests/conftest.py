@@ -42,3 +42,14 @@ def run_example(name, *args, timeout=600):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, str(REPO / "examples" / name), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def assert_compiled_matches_eager(step, leaves, **tolerance):
+    """torch.compile(step, fullgraph=True) gives step's scalar and its gradients w.r.t. the leaves."""
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(*leaves)
+    torch.testing.assert_close(compiled, eager, **tolerance)
+    for got, want in zip(torch.autograd.grad(compiled, leaves), eager_grads):
+        torch.testing.assert_close(got, want, **tolerance)

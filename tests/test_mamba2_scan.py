@@ -11,7 +11,7 @@ import torch
 
 import shammie
 from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference, ssd_scan_varlen_reference
-from conftest import DEVICES, DTYPES, assert_matches_reference
+from conftest import DEVICES, DTYPES, assert_compiled_matches_eager, assert_matches_reference
 
 LOW = ("x", "dt", "B", "C", "z")      # in the activation dtype; A, D, dt_bias, initial_states in float32
 NO_LIMIT = (0.0, math.inf)
@@ -193,13 +193,7 @@ def test_varlen_states_opcheck_and_compile(device):
                                                         cu_seqlens=cu_seqlens, return_varlen_states=True)
         return out.square().sum() + varlen.sum()
 
-    eager = step(*leaves)
-    eager_grads = torch.autograd.grad(eager, leaves)
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)(*leaves)
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(torch.autograd.grad(compiled, leaves), eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(step, leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -294,14 +288,7 @@ def test_compile_fullgraph(device):
         out, state = run(shammie.mamba_chunk_scan_combined, dict(zip(inputs, args)), True, (0.05, 0.8))
         return out.square().sum() + state.sum()
 
-    eager = step(*leaves)
-    eager_grads = torch.autograd.grad(eager, leaves)
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)(*leaves)
-    compiled_grads = torch.autograd.grad(compiled, leaves)
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(step, leaves)
 
 
 def with_change(change):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import shammie
 from shammie.reference.causal_conv1d import causal_conv1d_reference
 from shammie.reference.selective_scan import selective_scan_reference
-from conftest import assert_matches_reference
+from conftest import assert_compiled_matches_eager, assert_matches_reference
 
 BATCH, DIM, L, N, RANK, WIDTH, OUT = 2, 12, 21, 8, 3, 4, 10
 
@@ -51,13 +51,13 @@ def reference(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, 
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
-def shammie_call(t):
+def shammie_call(t, checkpoint_lvl=1):
     return shammie.mamba_inner_fn(t["xz"], t["conv1d_weight"], t["conv1d_bias"], t["x_proj_weight"],
                                   t["delta_proj_weight"], t["out_proj_weight"], t["out_proj_bias"], t["A"], None,
                                   None, t["D"], t["delta_bias"], B_proj_bias=t.get("B_proj_bias"),
                                   C_proj_bias=t.get("C_proj_bias"), delta_softplus=True,
                                   b_rms_weight=t.get("b_rms_weight"), c_rms_weight=t.get("c_rms_weight"),
-                                  dt_rms_weight=t.get("dt_rms_weight"))
+                                  dt_rms_weight=t.get("dt_rms_weight"), checkpoint_lvl=checkpoint_lvl)
 
 
 def outputs_and_grads(fn, t):
@@ -71,13 +71,14 @@ def outputs_and_grads(fn, t):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norms", [False, True], ids=["no norms", "Falcon-Mamba norms"])
 @pytest.mark.parametrize("bias", [False, True], ids=["", "B/C proj bias"])
-def test_matches_reference(dtype, norms, bias):
+@pytest.mark.parametrize("checkpoint_lvl", [0, 1])
+def test_matches_reference(dtype, norms, bias, checkpoint_lvl):
     inputs = make(norms, bias)
     ref_of = lambda t: reference(**t)
     ref_out, ref_grads = outputs_and_grads(ref_of, inputs)
     low_inputs = {k: v.to(dtype) for k, v in inputs.items()}
     low_out, low_grads = outputs_and_grads(ref_of, low_inputs)   # the composite's roundings, in dtype
-    out, grads = outputs_and_grads(shammie_call, low_inputs)
+    out, grads = outputs_and_grads(lambda t: shammie_call(t, checkpoint_lvl), low_inputs)
     assert_matches_reference(out, ref_out, low_out.to(dtype), "out")
     for name, g in grads.items():
         assert_matches_reference(g, ref_grads[name], low_grads[name].to(g.dtype), f"grad {name}")
@@ -88,3 +89,62 @@ def test_gradcheck_with_norms():
     names = list(inputs)
     fn = lambda *args: shammie_call(dict(zip(names, args)))
     assert torch.autograd.gradcheck(fn, tuple(v.requires_grad_(True) for v in inputs.values()), eps=1e-6, atol=1e-5)
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for the backward of fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_checkpoint_lvl_1_keeps_less_and_gives_the_same_gradients():
+    """Level 1 does not keep the conv output and delta: at least 2·batch·dim·L values less."""
+    inputs = {k: v.float() for k, v in make(norms=True, bias=False).items()}
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
+    results = {}
+    for level in (0, 1):
+        out, kept = saved_bytes(lambda: shammie_call(leaves, level))
+        grads = torch.autograd.grad(out.square().sum(), list(leaves.values()))
+        results[level] = out.detach(), kept, grads
+    (out0, kept0, grads0), (out1, kept1, grads1) = results[0], results[1]
+    assert torch.equal(out0, out1)
+    assert kept0 - kept1 >= 2 * BATCH * DIM * L * 4, f"level 0 keeps {kept0} bytes, level 1 {kept1}"
+    for name, a, b in zip(leaves, grads0, grads1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_only_some_inputs_need_gradients():
+    """Frozen weights (fine-tuning a part of the model): gradients only where asked, on both levels."""
+    inputs = {k: v.float() for k, v in make(norms=False, bias=True).items()}
+    trainable = {"xz", "A", "delta_bias", "C_proj_bias"}
+    want = None
+    for level in (0, 1):
+        leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in inputs.items()}
+        out = shammie_call(leaves, level)
+        grads = dict(zip(trainable, torch.autograd.grad(out.sum(), [leaves[k] for k in trainable])))
+        assert all(leaves[k].grad is None for k in leaves)
+        if want is None:
+            want = grads
+        for k in trainable:
+            torch.testing.assert_close(grads[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph():
+    inputs = {k: v.float().requires_grad_(True) for k, v in make(norms=True, bias=True).items()}
+
+    def step(*args):
+        return shammie_call(dict(zip(inputs, args))).square().sum()
+
+    assert_compiled_matches_eager(step, list(inputs.values()), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_checkpoint_lvl():
+    with pytest.raises(ValueError, match="checkpoint_lvl must be 0 or 1"):
+        shammie_call(make(norms=False, bias=False), checkpoint_lvl=2)
