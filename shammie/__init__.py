@@ -8,7 +8,8 @@ _C = _load_extension()
 
 from shammie.causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: E402
 from shammie.frechet import frechet_topk, gemm_bias_topk  # noqa: E402
-from shammie.mamba2 import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined  # noqa: E402
+from shammie.mamba2 import mamba_chunk_scan_combined  # noqa: E402
+from shammie.mamba2_split import mamba_split_conv1d_scan_combined  # noqa: E402
 from shammie.mamba_inner import mamba_inner_fn  # noqa: E402
 from shammie.monarch import blockdiag_butterfly_multiply  # noqa: E402
 from shammie.selective_scan import selective_scan_fn, selective_state_update  # noqa: E402

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from shammie._checks import cu_seqlens as check_cu_seqlens
 from shammie._checks import same_device, same_dtype
 from shammie._checks import seq_idx as check_seq_idx
-from shammie.causal_conv1d import causal_conv1d_fn
 
 _OP = "mamba_chunk_scan_combined"
 _MAX_DSTATE = 256
@@ -74,6 +73,12 @@ def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit):
         raise ValueError(f"{_OP}: dt_limit must be (low, high) with low <= high, got {dt_limit}")
 
 
+def check_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit, seq_idx):
+    """mamba_chunk_scan_combined's argument checks (all but cu_seqlens)."""
+    _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit)
+    check_seq_idx(_OP, seq_idx, "x", x, x.shape[0], x.shape[1])
+
+
 def _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype):
     """dt after bias, softplus (identity above 20, as the kernels) and the limit, in `dtype`."""
     dt = dt.to(dtype)
@@ -82,6 +87,23 @@ def _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype):
     if dt_softplus:
         dt = torch.where(dt > 20, dt, F.softplus(dt))
     return dt.clamp(*dt_limit)
+
+
+def scan_operands(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, seq_idx=None,
+                  cu_seqlens=None):
+    """The arguments of the ssd_scan op, in its order: the activations in the widest of their dtypes,
+    and with a dt_limit, dt finished here (the kernel fuses bias and softplus but not the clamp), in the
+    math dtype, scanning in that dtype so the finished dt is not rounded back to a 16-bit dtype."""
+    dtype = x.dtype
+    for t in (dt, B, C, z):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    if tuple(dt_limit) != _NO_LIMIT:
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        dt, dt_bias, dt_softplus = _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), None, False
+    cast = lambda t: None if t is None else t.to(dtype)
+    return (cast(x), cast(dt), A, cast(B), cast(C), D, cast(z), dt_bias, initial_states, dt_softplus, seq_idx,
+            cu_seqlens)
 
 
 def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -112,105 +134,15 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     float32 (zeros for an empty sequence; with initial_states the first sequence must not be empty),
     last in the returned tuple. Its gradient flows back into the scan (mamba_ssm's has none).
     """
-    _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit)
-    check_seq_idx(_OP, seq_idx, "x", x, x.shape[0], x.shape[1])
+    check_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit, seq_idx)
     check_cu_seqlens(_OP, cu_seqlens, "x", x, x.shape[0])
     if return_varlen_states and cu_seqlens is None:
         raise ValueError(f"{_OP}: return_varlen_states needs cu_seqlens (the packed sequences' boundaries)")
-    dtype = x.dtype
-    for t in (dt, B, C, z):
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    if tuple(dt_limit) != _NO_LIMIT:
-        # The kernel fuses bias and softplus but not the clamp: finish dt here, in the math dtype,
-        # and scan in that dtype so the finished dt is not rounded back to a 16-bit activation dtype.
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        dt, dt_bias, dt_softplus = _finished_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), None, False
-    cast = lambda t: None if t is None else t.to(dtype)
     out, _, final_state, varlen_states = torch.ops.shammie.ssd_scan(
-        cast(x), cast(dt), A, cast(B), cast(C), D, cast(z), dt_bias, initial_states, dt_softplus, seq_idx, cu_seqlens)
+        *scan_operands(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, seq_idx, cu_seqlens))
     returned = (out.to(x.dtype),) + ((final_state,) if return_final_states else ())
     returned += (varlen_states,) if return_varlen_states else ()
     return returned if len(returned) > 1 else returned[0]
-
-
-def _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
-    """mamba_ssm's gated RMSNorm over groups of `group_size` channels, in float32 (float64 for float64):
-    RMSNorm(x)·silu(z) if norm_before_gate, else RMSNorm(x·silu(z)); out in x's dtype."""
-    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(math_dtype)
-    gate = F.silu(z.to(math_dtype))
-    if not norm_before_gate:
-        y = y * gate
-    grouped = y.unflatten(-1, (-1, group_size))
-    y = (grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(math_dtype)
-    if norm_before_gate:
-        y = y * gate
-    return y.to(x.dtype)
-
-
-def mamba_split_conv1d_scan_combined(zxbcdt: torch.Tensor, conv1d_weight: torch.Tensor,
-                                     conv1d_bias: torch.Tensor | None, dt_bias: torch.Tensor, A: torch.Tensor,
-                                     D: torch.Tensor, chunk_size: int | None = None,
-                                     initial_states: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
-                                     dt_limit: tuple[float, float] = _NO_LIMIT, return_final_states: bool = False,
-                                     activation: str | None = "silu", rmsnorm_weight: torch.Tensor | None = None,
-                                     rmsnorm_eps: float = 1e-6, outproj_weight: torch.Tensor | None = None,
-                                     outproj_bias: torch.Tensor | None = None, headdim: int | None = None,
-                                     ngroups: int = 1, norm_before_gate: bool = True):
-    """A Mamba-2 mixer after its in-projection, mamba_ssm's contract (its training path): split
-    zxbcdt (batch, seqlen, 2·dim + 2·ngroups·dstate + nheads) into z, xBC and dt; causal conv1d with
-    `activation` over xBC (weight (dim + 2·ngroups·dstate, width) or the Conv1d module's
-    (·, 1, width)); the SSD scan with dt_bias, softplus, D and dt_limit (z gating inside the scan when
-    there is no `rmsnorm_weight`); then the gated RMSNorm over groups of dim / ngroups channels and the
-    out-projection when their weights are given. D is (nheads,) with `headdim`, or (nheads, headdim).
-    Returns out (batch, seqlen, out_dim or dim), and with `return_final_states` the final SSM state.
-
-    Composed from shammie's conv and scan ops (each with its own backward) and torch's norm and GEMM:
-    exact gradients, visible to torch.compile, but not mamba_ssm's single fused kernel.
-    """
-    op = "mamba_split_conv1d_scan_combined"
-    if zxbcdt.dim() != 3:
-        raise ValueError(f"{op}: zxbcdt must be (batch, seqlen, channels), got {tuple(zxbcdt.shape)}")
-    if D.dim() == 1:
-        if headdim is None:
-            raise ValueError(f"{op}: pass headdim when D is per head ({tuple(D.shape)})")
-        heads = D.shape[0]
-    elif D.dim() == 2:
-        heads, headdim = D.shape
-    else:
-        raise ValueError(f"{op}: D must be (nheads,) or (nheads, headdim), got {tuple(D.shape)}")
-    batch, seqlen, channels = zxbcdt.shape
-    dim = heads * headdim
-    if ngroups < 1 or heads % ngroups or (channels - 2 * dim - heads) <= 0 or (channels - 2 * dim - heads) % (2 * ngroups):
-        raise ValueError(f"{op}: zxbcdt's last dim ({channels}) must be 2·dim + 2·ngroups·dstate + nheads with "
-                         f"dim = {dim}, nheads = {heads} (a multiple of ngroups = {ngroups}) and dstate >= 1")
-    dstate = (channels - 2 * dim - heads) // (2 * ngroups)
-    conv_dim = dim + 2 * ngroups * dstate
-    weight = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight
-    if weight.dim() != 2 or weight.shape[0] != conv_dim:
-        raise ValueError(f"{op}: conv1d_weight must be ({conv_dim}, width) or ({conv_dim}, 1, width), "
-                         f"got {tuple(conv1d_weight.shape)}")
-    if rmsnorm_weight is not None and tuple(rmsnorm_weight.shape) != (dim,):
-        raise ValueError(f"{op}: rmsnorm_weight must have shape ({dim},), got {tuple(rmsnorm_weight.shape)}")
-    z, xBC, dt = zxbcdt.split([dim, conv_dim, heads], dim=-1)
-    xBC = causal_conv1d_fn(xBC.transpose(1, 2), weight.to(zxbcdt.dtype),
-                           None if conv1d_bias is None else conv1d_bias.to(zxbcdt.dtype), seq_idx=seq_idx,
-                           activation=activation).transpose(1, 2)
-    x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
-    z = z.unflatten(-1, (heads, headdim))
-    scanned = mamba_chunk_scan_combined(
-        x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
-        C.unflatten(-1, (ngroups, dstate)), chunk_size, D=D, z=z if rmsnorm_weight is None else None,
-        dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
-        return_final_states=return_final_states)
-    out, final_state = scanned if return_final_states else (scanned, None)
-    out = out.flatten(-2)
-    if rmsnorm_weight is not None:
-        out = _gated_rms_norm(out, z.flatten(-2), rmsnorm_weight, rmsnorm_eps, dim // ngroups, norm_before_gate)
-    if outproj_weight is not None:
-        out = F.linear(out, outproj_weight.to(out.dtype), None if outproj_bias is None else outproj_bias.to(out.dtype))
-    return (out, final_state) if return_final_states else out
 
 
 # ---- registration: fake kernels and autograd for torch.ops.shammie.ssd_scan ------------------------
@@ -282,4 +214,4 @@ def _backward(ctx, grad_out, grad_checkpoints, grad_final, grad_varlen):
 torch.library.register_autograd("shammie::ssd_scan", _backward, setup_context=_setup_context)
 
 
-__all__ = ["mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined"]
+__all__ = ["mamba_chunk_scan_combined"]

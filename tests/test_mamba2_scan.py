@@ -489,6 +489,56 @@ def test_split_conv1d_scan_packed_sequences_match_separate_runs():
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-9)
 
 
+def split_training(inputs, seq_idx=None):
+    """out, final state and the gradients of every float input, through the training path."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    rest = {k: v for k, v in inputs.items() if k not in leaves}
+    out, state = shammie.mamba_split_conv1d_scan_combined(**leaves, **rest, seq_idx=seq_idx, chunk_size=16,
+                                                          return_final_states=True)
+    g = torch.Generator().manual_seed(9)
+    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum() + \
+        (state.double() * torch.randn(state.shape, generator=g, dtype=torch.float64)).sum()
+    return out.detach(), state.detach(), dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [*SPLIT_CASES, "packed sequences"])
+def test_split_recomputing_training_path_equals_the_composition(case, dtype, monkeypatch):
+    """Eager training runs one autograd Function that recomputes around the scan; under torch.compile
+    the ops are composed. Same outputs and gradients (z in the scan or in the norm, dt_limit, initial
+    states, packed sequences, final-state gradients)."""
+    settings = SPLIT_CASES.get(case, dict(ngroups=2, norm=True, before=False, proj=True, D="head", initial=True))
+    inputs = split_inputs(**settings, dtype=dtype)
+    seq_idx = (torch.arange(40) >= 17).int().expand(2, 40) if case == "packed sequences" else None
+    got = split_training(inputs, seq_idx)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # the composed path, in eager mode
+    want = split_training(inputs, seq_idx)
+    tolerance = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[0], want[0], **tolerance)
+    torch.testing.assert_close(got[1], want[1], **tolerance)
+    assert got[2].keys() == want[2].keys()
+    for name in got[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], **tolerance, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_split_training_path_keeps_what_mamba_ssm_keeps():
+    """At least the conv output and the norm's float32 intermediates (4 (batch, L, dim) float32) less
+    than the composition; here 9.7 -> 4.6 of those units at Mamba2-130M's widths."""
+    from test_mamba_inner import saved_bytes
+
+    inputs = split_inputs(ngroups=1, norm=True, before=False, proj=True, D="head", L=256, heads=8, headdim=16,
+                          dstate=32, out_dim=64, dtype=torch.float32)
+    leaves = {k: v.requires_grad_(True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    call = lambda: shammie.mamba_split_conv1d_scan_combined(**leaves, chunk_size=16)
+    _, recomputing = saved_bytes(call)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        _, composed = saved_bytes(call)
+    unit = 2 * 256 * 8 * 16 * 4
+    assert composed - recomputing >= 4 * unit, f"composed keeps {composed / unit:.2f} units, Function {recomputing / unit:.2f}"
+
+
 def test_split_conv1d_scan_bad_input():
     inputs = split_inputs(ngroups=2, norm=True, before=False, proj=True, D="head")
     with pytest.raises(ValueError, match="pass headdim when D is per head"):
