@@ -7,6 +7,7 @@ from shammie.version import __version__
 _C = _load_extension()
 
 from shammie.causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: E402
+from shammie.causal_conv1d_varlen import causal_conv1d_varlen_states  # noqa: E402
 from shammie.frechet import frechet_topk, gemm_bias_topk  # noqa: E402
 from shammie.mamba2 import mamba_chunk_scan_combined  # noqa: E402
 from shammie.mamba2_split import mamba_split_conv1d_scan_combined  # noqa: E402
@@ -29,5 +30,6 @@ def build_info() -> dict:
 
 
 __all__ = ["__version__", "blockdiag_butterfly_multiply", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
+           "causal_conv1d_varlen_states",
            "frechet_topk", "gemm_bias_topk",
            "mamba_chunk_scan_combined", "mamba_inner_fn", "mamba_split_conv1d_scan_combined", "selective_scan_fn", "selective_state_update", "tree_frechet_topk"]
