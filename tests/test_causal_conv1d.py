@@ -342,6 +342,15 @@ def test_update_circular_cache_with_indices_equals_the_whole_sequence(steps, sta
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_update_circular_cache_of_width_1_has_no_state(device):
+    """Width 1 needs no history: state_len 0 with cache_seqlens is a plain pointwise step."""
+    x, w, b = make((2, 3, 4, 1), torch.float32, device)
+    out = shammie.causal_conv1d_update(x, torch.zeros(2, 3, 0, device=device), w, b, "silu",
+                                       cache_seqlens=torch.tensor([5, 0], device=device))
+    torch.testing.assert_close(out, torch.nn.functional.silu(x * w[None] + b[None, :, None]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_update_continuous_batching_opcheck_and_bad_input(device):
     x, w, b = make((2, 4, 3, 4), torch.float32, device)
     cache = torch.randn(3, 4, 5, device=device)

@@ -217,7 +217,7 @@ void update_typed(const UpdateArgs& a) {
       }
       scalar_t* st = state + state_row * ss.batch + d * ss.dim;
       const scalar_t* xr = x + b * xs.batch + d * xs.dim;
-      const int64_t start = cache_seqlens ? cache_seqlens[b] % S : 0;   // circular: the oldest entry's slot
+      const int64_t start = cache_seqlens && S > 0 ? cache_seqlens[b] % S : 0;   // circular: the oldest entry's slot
       if (cache_seqlens) {
         for (int64_t i = 0; i < S; ++i) seq[i] = from_storage<acc_t>(st[state_slot(start, i, S) * ss.time]);
       } else {

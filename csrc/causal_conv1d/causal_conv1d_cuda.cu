@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
     scalar_t* st = state + state_row * ss.batch + d * ss.dim;
     const scalar_t* xr = x + b * xs.batch + d * xs.dim;
     // seq = [conv_state (oldest first), x]; seq(j) for j < state_len + steps.
-    const int64_t start = cache_seqlens ? cache_seqlens[b] % state_len : 0;
+    const int64_t start = cache_seqlens && state_len > 0 ? cache_seqlens[b] % state_len : 0;   // no state: width 1
     auto seq = [&](int64_t j) {
       if (j >= state_len) return acc_t(xr[(j - state_len) * xs.time]);
       return acc_t(st[(cache_seqlens ? state_slot(start, j, state_len) : j) * ss.time]);
