@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from shammie.causal_conv1d import causal_conv1d_fn
 from shammie.mamba2 import check_scan, mamba_chunk_scan_combined, scan_operands
@@ -98,13 +99,15 @@ class _RecomputedMixer(torch.autograd.Function):
             check_scan(x, dt, A, B, C, mixer.chunk_size, D, scan_z, dt_bias, initial_states, mixer.dt_limit, seq_idx)
             operands = scan_operands(x, dt, A, B, C, D, scan_z, dt_bias, initial_states, True, mixer.dt_limit, seq_idx)
             y, checkpoints, final_state, _ = torch.ops.shammie.ssd_scan(*operands)
-            out = mixer.project(mixer.norm(y.to(zxbcdt.dtype), z, rmsnorm_weight), outproj_weight, outproj_bias)
+            y = y.to(zxbcdt.dtype)   # kept in the activations' dtype (the scan may run wider, for dt_limit)
+            out = mixer.project(mixer.norm(y, z, rmsnorm_weight), outproj_weight, outproj_bias)
         ctx.mixer = mixer
         ctx.save_for_backward(zxbcdt, weight, conv1d_bias, dt_bias, A, D, initial_states, seq_idx, rmsnorm_weight,
                               outproj_weight, outproj_bias, y, checkpoints)
         return out, final_state
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_final):
         mixer = ctx.mixer
         *tensors, y, checkpoints = ctx.saved_tensors
@@ -117,12 +120,14 @@ class _RecomputedMixer(torch.autograd.Function):
             z, x, B, C, dt = mixer.conv_and_split(zxbcdt, weight, conv1d_bias, seq_idx)
             operands = scan_operands(x, dt, A, B, C, D, None if mixer.gated_norm else z, dt_bias, initial_states,
                                      True, mixer.dt_limit, seq_idx)
-            normed = mixer.norm(y_leaf.to(zxbcdt.dtype), z, rmsnorm_weight)
-        # The out-projection by hand, so its GEMM is not run again: d normed = grad_out·W, dW = grad_outᵀ·normed.
+            normed = mixer.norm(y_leaf, z, rmsnorm_weight)
+        # The out-projection by hand, so its GEMM is not run again: d normed = grad_out·W, dW = grad_outᵀ·normed,
+        # in grad_out's dtype (under autocast the forward's GEMM ran in a lower one than normed's).
         grad_normed, projection_grads = grad_out, {}   # leaf index -> gradient
         if outproj_weight is not None:
-            flat_grad, flat_normed = grad_out.flatten(0, -2), normed.detach().flatten(0, -2)
-            grad_normed = (flat_grad @ outproj_weight.to(grad_out.dtype)).view(normed.shape)
+            flat_grad = grad_out.flatten(0, -2)
+            flat_normed = normed.detach().flatten(0, -2).to(flat_grad.dtype)
+            grad_normed = (flat_grad @ outproj_weight.to(flat_grad.dtype)).view(normed.shape).to(normed.dtype)
             if outproj_weight.requires_grad:
                 projection_grads[9] = (flat_grad.t() @ flat_normed).to(outproj_weight.dtype)
             if outproj_bias is not None and outproj_bias.requires_grad:
@@ -135,7 +140,7 @@ class _RecomputedMixer(torch.autograd.Function):
         norm_grads = list(torch.autograd.grad(normed, through_norm, grad_normed))
         if norm_weight is not None:
             projection_grads[norm_weight] = norm_grads.pop()
-        dy = norm_grads[0]
+        dy = norm_grads[0].to(operands[0].dtype)
         scan_tensors = operands[:9]   # x, dt, A, B, C, D, z, dt_bias, initial_states
         detached = [None if t is None else t.detach() for t in scan_tensors]
         scan_grads = torch.ops.shammie.ssd_scan_backward(dy, grad_final, *detached, checkpoints, operands[9],

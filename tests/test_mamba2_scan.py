@@ -551,3 +551,30 @@ def test_split_conv1d_scan_bad_input():
     with pytest.raises(ValueError, match=r"rmsnorm_weight must have shape \(12,\)"):
         shammie.mamba_split_conv1d_scan_combined(**{**inputs, "rmsnorm_weight": inputs["rmsnorm_weight"][:-1]},
                                                  chunk_size=16)
+
+
+def test_split_training_under_autocast_with_float32_activations():
+    """Falcon-H1 hands the mixer float32 zxbcdt inside bf16 autocast: the out-projection's GEMM runs in
+    bf16, so its gradient arrives in bf16 while the recomputed norm is float32."""
+    inputs = split_inputs(ngroups=2, norm=True, before=False, proj=True, D="head", dtype=torch.float32)
+    leaves = {k: v.requires_grad_(True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    grads = {}
+    for path in ("recomputing", "composed"):
+        with pytest.MonkeyPatch.context() as patch:
+            if path == "composed":
+                patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = shammie.mamba_split_conv1d_scan_combined(**leaves, chunk_size=16)
+            assert out.dtype == torch.bfloat16
+            grads[path] = torch.autograd.grad(out.float().sum(), [leaves["zxbcdt"], leaves["outproj_weight"]])
+    for got, want in zip(grads["recomputing"], grads["composed"]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_recomputing_backwards_refuse_double_backward():
+    inputs = split_inputs(ngroups=1, norm=True, before=False, proj=True, D="head")
+    zxbcdt = inputs.pop("zxbcdt").requires_grad_(True)
+    out = shammie.mamba_split_conv1d_scan_combined(zxbcdt, **inputs, chunk_size=16)
+    (grad,) = torch.autograd.grad(out.sum(), zxbcdt, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+        grad.sum().backward()
