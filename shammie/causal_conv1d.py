@@ -92,7 +92,8 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     touched, its out is zero); a row named twice is an error. `cache_seqlens` (batch,) makes conv_state a
     circular buffer: stream position c lives in slot c % state_len, and x starts at position
     cache_seqlens[b] (the caller advances it). Both are checked on the host: on a GPU one small copy and
-    a sync per call.
+    a sync per call, skipped while a CUDA graph is captured (rows outside the cache then act as padding,
+    a negative length as 0).
     """
     return torch.ops.shammie.causal_conv1d_update(x, conv_state, weight, bias, _silu(activation),
                                                   conv_state_indices, cache_seqlens)

@@ -28,7 +28,8 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     Continuous batching (mamba_ssm's `state_batch_indices`, (batch,) int32/int64): state is a cache of
     any number of rows and element b updates row state_batch_indices[b]; −1 marks a padding element
     (no state touched, out zero); a row named twice is an error. Checked on the host: on a GPU one small
-    copy and a sync per call.
+    copy and a sync per call, skipped while a CUDA graph is captured (rows outside the cache then act as
+    padding).
     """
     return torch.ops.shammie.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                                     state_batch_indices)

@@ -99,3 +99,36 @@ def test_bad_input():
             (([0, 10], 3, x[None]), ValueError, r"x must be \(total_tokens, dim\)")):
         with pytest.raises(error, match=message):
             call(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_steps_with_state_indices_capture_in_a_cuda_graph():
+    """Inside a capture the index checks cannot copy to the host; the ops skip them there (the kernels
+    keep rows outside the cache as padding) and the replayed graph equals eager steps."""
+    device, dim, width, heads, headdim, dstate = "cuda", 8, 4, 2, 4, 16
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)
+    x, weight, rows = r(3, dim), r(dim, width), torch.tensor([4, -1, 0], device=device)
+    xs, dt, B, C = r(3, heads, headdim), r(3, heads, headdim), r(3, 1, dstate), r(3, 1, dstate)
+    A = -torch.rand(heads, headdim, dstate, generator=g).to(device)
+    conv0, ssm0 = r(6, dim, width - 1), r(6, heads, headdim, dstate)
+
+    def step(conv_cache, ssm_cache):
+        a = shammie.causal_conv1d_update(x, conv_cache, weight, None, "silu", conv_state_indices=rows)
+        b = shammie.selective_state_update(ssm_cache, xs, dt, A, B, C, dt_softplus=True, state_batch_indices=rows)
+        return a, b
+
+    eager_conv, eager_ssm = conv0.clone(), ssm0.clone()
+    eager = step(eager_conv, eager_ssm)
+    conv, ssm = conv0.clone(), ssm0.clone()
+    step(conv.clone(), ssm.clone())   # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(conv, ssm)
+    conv.copy_(conv0)
+    ssm.copy_(ssm0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip((*captured, conv, ssm), (*eager, eager_conv, eager_ssm)):
+        torch.testing.assert_close(got, want)

@@ -73,14 +73,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   return {args.grad_x, args.grad_weight, args.grad_bias};
 }
 
-// cache_seqlens (batch,) int32 or int64, each ≥ 0; checked on the host (from a GPU: a small copy and a sync).
-at::Tensor checked_cache_seqlens(const char* op, const at::Tensor& lengths, const at::Tensor& x, int64_t batch) {
+// cache_seqlens (batch,) int32 or int64, each ≥ 0; checked on the host (from a GPU: a small copy and a sync)
+// unless values_on_host is false (a CUDA graph capture: the kernels then read a negative length as 0).
+at::Tensor checked_cache_seqlens(const char* op, const at::Tensor& lengths, const at::Tensor& x, int64_t batch,
+                                 bool values_on_host) {
   check_same_device(op, {x, "x"}, {lengths, "cache_seqlens"});
   TORCH_CHECK_TYPE(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, op,
                    ": cache_seqlens must be int32 or int64, got ", lengths.scalar_type());
   TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == batch, op, ": cache_seqlens must have shape (batch,) = (",
                     batch, ",), got ", lengths.sizes());
   const at::Tensor as_long = lengths.to(at::kLong).contiguous();
+  if (!values_on_host) return as_long;
   const at::Tensor host = as_long.to(at::kCPU);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t c = host.const_data_ptr<int64_t>()[b];
@@ -92,7 +95,7 @@ at::Tensor checked_cache_seqlens(const char* op, const at::Tensor& lengths, cons
 at::Tensor update(const at::Tensor& x_in, const at::Tensor& conv_state, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, bool silu,
                   const std::optional<at::Tensor>& conv_state_indices,
-                  const std::optional<at::Tensor>& cache_seqlens, UpdateKernel kernel) {
+                  const std::optional<at::Tensor>& cache_seqlens, UpdateKernel kernel, bool values_on_host) {
   constexpr const char* op = "causal_conv1d_update";
   TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 3, op,
                     ": x must be (batch, dim) or (batch, dim, seqlen), got a tensor of shape ", x_in.sizes());
@@ -103,8 +106,9 @@ at::Tensor update(const at::Tensor& x_in, const at::Tensor& conv_state, const at
   check_same_device(op, {x, "x"}, {conv_state, "conv_state"});
   check_weight_and_bias(op, x, weight, bias, x.size(1));
   if (conv_state_indices) {   // conv_state is a cache with any number of rows
-    TORCH_CHECK_VALUE(conv_state.size(1) == x.size(1), op, ": conv_state must be (cache_rows, dim, state_len) with dim = ",
-                      x.size(1), ", got ", conv_state.sizes());
+    TORCH_CHECK_VALUE(conv_state.size(1) == x.size(1), op,
+                      ": conv_state must be (cache_rows, dim, state_len) with dim = ", x.size(1), ", got ",
+                      conv_state.sizes());
   } else {
     TORCH_CHECK_VALUE(conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1), op,
                       ": conv_state must be (batch, dim, state_len) = (", x.size(0), ", ", x.size(1),
@@ -118,9 +122,9 @@ at::Tensor update(const at::Tensor& x_in, const at::Tensor& conv_state, const at
                   weight.contiguous(), b, at::empty(x.sizes(), x.options())};
   if (conv_state_indices) {
     args.state_rows = checked_state_indices(op, *conv_state_indices, "conv_state_indices", {x_in, "x"}, x.size(0),
-                                            conv_state.size(0));
+                                            conv_state.size(0), values_on_host);
   }
-  if (cache_seqlens) args.cache_seqlens = checked_cache_seqlens(op, *cache_seqlens, x, x.size(0));
+  if (cache_seqlens) args.cache_seqlens = checked_cache_seqlens(op, *cache_seqlens, x, x.size(0), values_on_host);
   if (args.out.numel() > 0) kernel(args);
   return x_in.dim() == 2 ? args.out.squeeze(-1) : args.out;
 }

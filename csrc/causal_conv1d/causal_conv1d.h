@@ -83,6 +83,13 @@ struct UpdateArgs {
 // state, oldest first). Without cache_seqlens the state is kept in order (start 0, shifted each step).
 SHAMMIE_HD int64_t state_slot(int64_t start, int64_t j, int64_t state_len) { return (start + j) % state_len; }
 
+// The oldest entry's slot of row b's circular state (0 without cache_seqlens, or without a state: width 1).
+// A negative length, possible only unchecked inside a CUDA graph capture, reads as 0.
+SHAMMIE_HD int64_t circular_start(const int64_t* cache_seqlens, int64_t b, int64_t state_len) {
+  if (!cache_seqlens || state_len == 0 || cache_seqlens[b] < 0) return 0;
+  return cache_seqlens[b] % state_len;
+}
+
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 using ForwardKernel = void (*)(const ForwardArgs&);
@@ -99,6 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
 at::Tensor update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, bool silu,
                   const std::optional<at::Tensor>& conv_state_indices,
-                  const std::optional<at::Tensor>& cache_seqlens, UpdateKernel kernel);
+                  const std::optional<at::Tensor>& cache_seqlens, UpdateKernel kernel, bool values_on_host = true);
 
 }  // namespace shammie::conv1d

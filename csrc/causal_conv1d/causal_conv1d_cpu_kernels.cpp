@@ -211,13 +211,13 @@ void update_typed(const UpdateArgs& a) {
     std::vector<acc_t> seq(S + n), pre(n);   // [conv_state, x]
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / a.dim, d = row % a.dim, state_row = state_rows ? state_rows[b] : b;
-      if (state_row < 0) {   // a padding element
+      if (state_row < 0 || state_row >= a.conv_state.size(0)) {   // a padding element
         std::fill_n(out + row * n, n, to_storage<scalar_t>(acc_t(0)));
         continue;
       }
       scalar_t* st = state + state_row * ss.batch + d * ss.dim;
       const scalar_t* xr = x + b * xs.batch + d * xs.dim;
-      const int64_t start = cache_seqlens && S > 0 ? cache_seqlens[b] % S : 0;   // circular: the oldest entry's slot
+      const int64_t start = circular_start(cache_seqlens, b, S);   // circular: the oldest entry's slot
       if (cache_seqlens) {
         for (int64_t i = 0; i < S; ++i) seq[i] = from_storage<acc_t>(st[state_slot(start, i, S) * ss.time]);
       } else {
@@ -228,7 +228,8 @@ void update_typed(const UpdateArgs& a) {
       window(seq.data() + S - (W - 1), params.weight.data() + d * W, W, params.bias[d], n, pre.data());
       for (int64_t i = 0; i < n; ++i) out[row * n + i] = to_storage<scalar_t>(activate(pre[i], a.silu));
       if (cache_seqlens) {   // circular: x's last S steps go to their slots
-        for (int64_t i = std::max<int64_t>(0, n - S); i < n; ++i) st[state_slot(start, i, S) * ss.time] = xr[i * xs.time];
+        for (int64_t i = std::max<int64_t>(0, n - S); i < n; ++i)
+          st[state_slot(start, i, S) * ss.time] = xr[i * xs.time];
       } else {               // in order: the window's last S entries
         for (int64_t i = 0; i < S; ++i) st[i * ss.time] = to_storage<scalar_t>(seq[n + i]);
       }

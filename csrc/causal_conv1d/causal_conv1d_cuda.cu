@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "causal_conv1d/causal_conv1d.h"
+#include "common/cuda_capture.h"
 
 namespace shammie::conv1d::cuda {
 namespace {
@@ -131,20 +132,21 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const scalar_t* __restrict__ x, Strides xs, scalar_t* state, Strides ss,
                   const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
-                  const int64_t* __restrict__ state_rows, const int64_t* __restrict__ cache_seqlens,
+                  const int64_t* __restrict__ state_rows, int64_t cache_rows,
+                  const int64_t* __restrict__ cache_seqlens,
                   scalar_t* __restrict__ out, int64_t batch, int64_t dim,
                   int64_t steps, int64_t width, int64_t state_len, bool silu) {
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < batch * dim;
        row += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = row / dim, d = row % dim, state_row = state_rows ? state_rows[b] : b;
-    if (state_row < 0) {   // a padding element
+    if (state_row < 0 || state_row >= cache_rows) {   // a padding element (or, unchecked in a capture, no row)
       for (int64_t i = 0; i < steps; ++i) out[row * steps + i] = scalar_t(0);
       continue;
     }
     scalar_t* st = state + state_row * ss.batch + d * ss.dim;
     const scalar_t* xr = x + b * xs.batch + d * xs.dim;
     // seq = [conv_state (oldest first), x]; seq(j) for j < state_len + steps.
-    const int64_t start = cache_seqlens && state_len > 0 ? cache_seqlens[b] % state_len : 0;   // no state: width 1
+    const int64_t start = circular_start(cache_seqlens, b, state_len);
     auto seq = [&](int64_t j) {
       if (j >= state_len) return acc_t(xr[(j - state_len) * xs.time]);
       return acc_t(st[(cache_seqlens ? state_slot(start, j, state_len) : j) * ss.time]);
@@ -221,7 +223,7 @@ void update_cuda(const UpdateArgs& a) {
     update_kernel<scalar_t, acc_t><<<blocks_for(a.batch * a.dim), kThreads, 0, stream>>>(
         a.x.const_data_ptr<scalar_t>(), strides_of(a.x), a.conv_state.mutable_data_ptr<scalar_t>(),
         strides_of(a.conv_state), a.weight.const_data_ptr<scalar_t>(), bias_ptr<scalar_t>(a.bias),
-        a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr,
+        a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr, a.conv_state.size(0),
         a.cache_seqlens ? a.cache_seqlens->const_data_ptr<int64_t>() : nullptr, a.out.mutable_data_ptr<scalar_t>(),
         a.batch, a.dim, a.steps, a.width, a.state_len, a.silu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -245,6 +247,7 @@ TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
   m.impl("causal_conv1d_update", [](const at::Tensor& x, const at::Tensor& state, const at::Tensor& w,
                                     const std::optional<at::Tensor>& b, bool silu,
                                     const std::optional<at::Tensor>& rows, const std::optional<at::Tensor>& lengths) {
-    return conv1d::update(x, state, w, b, silu, rows, lengths, conv1d::cuda::update_cuda);
+    return conv1d::update(x, state, w, b, silu, rows, lengths, conv1d::cuda::update_cuda,
+                          /*values_on_host=*/!shammie::cuda::stream_is_capturing());
   });
 }

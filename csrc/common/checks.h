@@ -64,16 +64,18 @@ inline at::Tensor checked_seq_idx(const char* op, const at::Tensor& seq_idx, Arg
 // A decode step's state rows under continuous batching (mamba_ssm's state_batch_indices,
 // causal-conv1d's conv_state_indices): (batch,) int32 or int64 on x's device, each a row of the state
 // cache in [0, state_rows) or −1 for a padding row, and no row named twice (two batch elements would
-// race on it). Checked on the host, so from a GPU this is one small copy and a sync per call.
-// Returned as contiguous int64 for the kernels.
+// race on it). The values are checked on the host, so from a GPU this is one small copy and a sync
+// per call; `values_on_host` false skips that (inside a CUDA graph capture, where no sync is allowed:
+// the kernels then treat a row outside the cache as padding). Returned as contiguous int64.
 inline at::Tensor checked_state_indices(const char* op, const at::Tensor& indices, const char* name, Arg x,
-                                        int64_t batch, int64_t state_rows) {
+                                        int64_t batch, int64_t state_rows, bool values_on_host = true) {
   check_same_device(op, x, {indices, name});
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op, ": ", name,
                    " must be int32 or int64, got ", indices.scalar_type());
   TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == batch, op, ": ", name, " must have shape (batch,) = (",
                     batch, ",), got ", indices.sizes());
   const at::Tensor as_long = indices.to(at::kLong).contiguous();
+  if (!values_on_host) return as_long;
   const at::Tensor host = as_long.to(at::kCPU);
   std::vector<int64_t> rows(host.const_data_ptr<int64_t>(), host.const_data_ptr<int64_t>() + batch);
   for (int64_t b = 0; b < batch; ++b) {
@@ -81,7 +83,8 @@ inline at::Tensor checked_state_indices(const char* op, const at::Tensor& indice
                       " is not a state row in [0, ", state_rows, ") or -1 (padding)");
   }
   std::sort(rows.begin(), rows.end());
-  const auto twice = std::adjacent_find(rows.begin(), rows.end(), [](int64_t a, int64_t b) { return a >= 0 && a == b; });
+  const auto same_row = [](int64_t a, int64_t b) { return a >= 0 && a == b; };
+  const auto twice = std::adjacent_find(rows.begin(), rows.end(), same_row);
   TORCH_CHECK_VALUE(twice == rows.end(), op, ": ", name, " names state row ", twice == rows.end() ? 0 : *twice,
                     " twice (each batch element needs its own state row)");
   return as_long;

@@ -34,7 +34,8 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
                                   const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& C_in,
                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z_in,
                                   const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
-                                  const std::optional<at::Tensor>& state_batch_indices, StateUpdateKernel kernel) {
+                                  const std::optional<at::Tensor>& state_batch_indices, StateUpdateKernel kernel,
+                                  bool values_on_host) {
   TORCH_CHECK_VALUE(state_in.dim() == 3 || state_in.dim() == 4, kOp,
                     ": state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got ", state_in.sizes());
   const bool four_d = state_in.dim() == 4;
@@ -90,7 +91,7 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
                        at::empty({batch, heads, dim}, x_in.options())};
   if (state_batch_indices) {
     args.state_rows = checked_state_indices(kOp, *state_batch_indices, "state_batch_indices", {x_in, "x"}, batch,
-                                            state.size(0));
+                                            state.size(0), values_on_host);
   }
   if (args.out.numel() > 0) kernel(args);
   return args.out.view(x_in.sizes());

@@ -4,7 +4,9 @@
 // D/dt_bias (H, P), with H % G == 0 and head h reading group h / (H / G).
 // The front end views Mamba-1 as Mamba-2 with H = G = 1; the kernels see only the latter.
 // Continuous batching: with state_batch_indices, batch element b updates state row indices[b] of a
-// larger cache (−1: a padding element, whose state is untouched and whose out is zero).
+// larger cache (−1: a padding element, whose state is untouched and whose out is zero). The indices are
+// checked on the host except inside a CUDA graph capture, where the kernels treat any row outside the
+// cache as padding.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +34,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                                   const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
-                                  const std::optional<at::Tensor>& state_batch_indices, StateUpdateKernel kernel);
+                                  const std::optional<at::Tensor>& state_batch_indices, StateUpdateKernel kernel,
+                                  bool values_on_host = true);
 
 }  // namespace shammie::ssm

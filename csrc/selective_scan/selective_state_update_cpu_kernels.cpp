@@ -45,7 +45,7 @@ void update_typed(const ssm::StateUpdateArgs& a) {
       const int64_t b = item / blocks_per_batch, c0 = (item % blocks_per_batch) * kChannelBlock;
       const int64_t count = std::min(kChannelBlock, HP - c0), r0 = b * HP + c0;
       const int64_t state_row = state_rows ? state_rows[b] : b;
-      if (state_row < 0) {   // a padding element
+      if (state_row < 0 || state_row >= a.state.size(0)) {   // a padding element
         std::fill_n(out + r0, count, to_storage<scalar_t>(acc_t(0)));
         continue;
       }

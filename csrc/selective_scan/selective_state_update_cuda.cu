@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "common/cuda_capture.h"
 #include "selective_scan/selective_state_update.h"
 #include "selective_scan/ssm_math.h"
 
@@ -26,7 +27,7 @@ __global__ void __launch_bounds__(kThreads)
     state_update_kernel(state_t* state, StateStrides ss, const scalar_t* __restrict__ x,
                         const scalar_t* __restrict__ dt, const scalar_t* __restrict__ z, const acc_t* __restrict__ A,
                         const scalar_t* __restrict__ B, const scalar_t* __restrict__ C, const acc_t* __restrict__ D,
-                        const acc_t* __restrict__ dt_bias, const int64_t* __restrict__ state_rows,
+                        const acc_t* __restrict__ dt_bias, const int64_t* __restrict__ state_rows, int64_t cache_rows,
                         scalar_t* __restrict__ out, int64_t batch, int64_t heads, int64_t dim, int64_t dstate,
                         int64_t groups, bool softplus) {
   const int64_t rows = batch * heads * dim, heads_per_group = heads / groups;
@@ -34,7 +35,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t p = row % dim, h = (row / dim) % heads, b = row / (dim * heads), g = h / heads_per_group;
     const int64_t channel = h * dim + p;
     const int64_t state_row = state_rows ? state_rows[b] : b;
-    if (state_row < 0) {   // a padding element
+    if (state_row < 0 || state_row >= cache_rows) {   // a padding element (or, unchecked in a capture, no row)
       out[row] = scalar_t(0);
       continue;
     }
@@ -69,7 +70,8 @@ void state_update_cuda(const StateUpdateArgs& a) {
           state, ss, a.x.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<scalar_t>(),
           a.z ? a.z->const_data_ptr<scalar_t>() : nullptr, a.A.const_data_ptr<acc_t>(), a.B.const_data_ptr<scalar_t>(),
           a.C.const_data_ptr<scalar_t>(), a.D.const_data_ptr<acc_t>(), a.dt_bias.const_data_ptr<acc_t>(),
-          a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr, a.out.mutable_data_ptr<scalar_t>(), a.batch, a.heads, a.dim, a.dstate, a.groups, a.softplus);
+          a.state_rows ? a.state_rows->const_data_ptr<int64_t>() : nullptr, a.state.size(0),
+          a.out.mutable_data_ptr<scalar_t>(), a.batch, a.heads, a.dim, a.dstate, a.groups, a.softplus);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (a.state.scalar_type() == a.x.scalar_type()) launch(a.state.mutable_data_ptr<scalar_t>());
@@ -86,6 +88,7 @@ TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
             const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
             const std::optional<at::Tensor>& dt_bias, bool dt_softplus, const std::optional<at::Tensor>& rows) {
            return shammie::ssm::selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, rows,
-                                                      shammie::ssm::cuda::state_update_cuda);
+                                                      shammie::ssm::cuda::state_update_cuda,
+                                                      /*values_on_host=*/!shammie::cuda::stream_is_capturing());
          });
 }
