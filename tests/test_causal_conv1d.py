@@ -8,7 +8,7 @@ import torch
 import shammie
 from shammie.reference.causal_conv1d import (causal_conv1d_packed_reference, causal_conv1d_reference,
                                              causal_conv1d_update_reference)
-from conftest import DEVICES, DTYPES, assert_matches_reference
+from conftest import DEVICES, DTYPES, assert_matches_reference, compile_fullgraph
 
 # (batch, dim, seqlen, width)
 SHAPES = [(2, 5, 1, 4), (2, 5, 7, 1), (1, 3, 129, 2), (3, 8, 151, 3), (2, 16, 372, 4), (1, 4, 33, 5), (0, 4, 9, 4)]
@@ -132,7 +132,7 @@ def test_torch_compile_fullgraph(device):
         step = shammie.causal_conv1d_update(token, state, w.detach(), b, "silu")
         return y.sum(dim=-1) + step
 
-    compiled = torch.compile(block, fullgraph=True)
+    compiled = compile_fullgraph(block, device)
     state_eager, state_compiled = torch.randn(2, 4, 3, device=device), None
     state_compiled = state_eager.clone()
     token = torch.randn(2, 4, device=device)

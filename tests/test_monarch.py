@@ -6,7 +6,7 @@ import torch
 
 import shammie
 from shammie.reference.monarch import monarch_bmm, monarch_reference
-from conftest import DEVICES, DTYPES, assert_matches_reference
+from conftest import DEVICES, DTYPES, assert_matches_reference, compile_fullgraph
 
 op = torch.ops.shammie.blockdiag_butterfly_multiply
 
@@ -164,7 +164,7 @@ def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     _, k, q, p, l, s, r = SHAPES["l!=k"]
     model = MonarchLinear(k, q, p, l, s, r).to(device)
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = compile_fullgraph(model, device)
     x = torch.randn(3, 5, k * p, device=device)
     eager_out = model(x)
     eager_out.sum().backward()

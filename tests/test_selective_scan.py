@@ -9,7 +9,7 @@ import torch
 import shammie
 from shammie.reference.selective_scan import selective_scan_reference
 from shammie.selective_scan import checkpoint_interval
-from conftest import DEVICES, DTYPES, assert_matches_reference
+from conftest import DEVICES, DTYPES, assert_matches_reference, compile_fullgraph
 
 LOW = ("u", "delta", "z")          # in the activation dtype; B / C too unless constant
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -134,7 +134,7 @@ def test_opcheck_and_compile(device):
 
     eager = step(*leaves)
     eager_grads = torch.autograd.grad(eager, leaves)
-    compiled = torch.compile(step, fullgraph=True)(*leaves)
+    compiled = compile_fullgraph(step, device)(*leaves)
     compiled_grads = torch.autograd.grad(compiled, leaves)
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):

@@ -7,7 +7,7 @@ import torch
 
 import shammie
 from shammie.reference.selective_scan import selective_state_update_reference
-from conftest import DEVICES, DTYPES, assert_matches_reference
+from conftest import DEVICES, DTYPES, assert_matches_reference, compile_fullgraph
 
 
 def make(batch, dim, N, heads=None, groups=1, dtype=torch.float32, device="cpu", D=True, z=True, bias=True, seed=0):
@@ -106,7 +106,7 @@ def test_opcheck_and_compile(device):
         return shammie.selective_state_update(state, x * 1.5, dt, A, B, C, D, z, dt_bias, dt_softplus=True) + 1
 
     eager = step(state_eager, *args[1:])
-    got = torch.compile(step, fullgraph=True)(compiled_state, *args[1:])
+    got = compile_fullgraph(step, device)(compiled_state, *args[1:])
     torch.testing.assert_close(got, eager)
     torch.testing.assert_close(compiled_state, state_eager)
 

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 import shammie  # noqa: E402
 from shammie.loki import TreeMetric  # noqa: E402
-from tests.conftest import DEVICES, DTYPES  # noqa: E402
+from tests.conftest import DEVICES, DTYPES, compile_fullgraph  # noqa: E402
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -172,7 +172,7 @@ def test_torch_compile_fullgraph(device):
 
     logits = torch.randn(7, observed.shape[0], device=device)
     torch._dynamo.reset()
-    got = torch.compile(predict, fullgraph=True)(logits)
+    got = compile_fullgraph(predict, device)(logits)
     want = predict(logits)
     torch.testing.assert_close(got[0], want[0])
     assert torch.equal(got[1], want[1])
