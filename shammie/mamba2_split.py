@@ -101,6 +101,8 @@ class _RecomputedMixer(torch.autograd.Function):
             y, checkpoints, final_state, _ = torch.ops.shammie.ssd_scan(*operands)
             y = y.to(zxbcdt.dtype)   # kept in the activations' dtype (the scan may run wider, for dt_limit)
             out = mixer.project(mixer.norm(y, z, rmsnorm_weight), outproj_weight, outproj_bias)
+            if out._is_view():   # autograd forbids in-place use of a Function's view outputs; callers may add_
+                out = out.clone()
         ctx.mixer = mixer
         ctx.save_for_backward(zxbcdt, weight, conv1d_bias, dt_bias, A, D, initial_states, seq_idx, rmsnorm_weight,
                               outproj_weight, outproj_bias, y, checkpoints)

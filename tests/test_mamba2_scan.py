@@ -578,3 +578,18 @@ def test_recomputing_backwards_refuse_double_backward():
     (grad,) = torch.autograd.grad(out.sum(), zxbcdt, create_graph=True)
     with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_output_can_be_modified_in_place(case):
+    """Callers may add a residual in place, as with the composed ops."""
+    inputs = split_inputs(**SPLIT_CASES[case])
+    zxbcdt = inputs.pop("zxbcdt").requires_grad_(True)
+    out = shammie.mamba_split_conv1d_scan_combined(zxbcdt, **inputs, chunk_size=16)
+    out.add_(1.0)
+    (grad,) = torch.autograd.grad(out.square().sum(), zxbcdt)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        composed = shammie.mamba_split_conv1d_scan_combined(zxbcdt, **inputs, chunk_size=16) + 1.0
+    torch.testing.assert_close(out, composed)
+    torch.testing.assert_close(grad, torch.autograd.grad(composed.square().sum(), zxbcdt)[0])
