@@ -77,12 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
 // unless values_on_host is false (a CUDA graph capture: the kernels then read a negative length as 0).
 at::Tensor checked_cache_seqlens(const char* op, const at::Tensor& lengths, const at::Tensor& x, int64_t batch,
                                  bool values_on_host) {
-  check_same_device(op, {x, "x"}, {lengths, "cache_seqlens"});
-  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, op,
-                   ": cache_seqlens must be int32 or int64, got ", lengths.scalar_type());
-  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == batch, op, ": cache_seqlens must have shape (batch,) = (",
-                    batch, ",), got ", lengths.sizes());
-  const at::Tensor as_long = lengths.to(at::kLong).contiguous();
+  const at::Tensor as_long = checked_batch_vector(op, lengths, "cache_seqlens", {x, "x"}, batch);
   if (!values_on_host) return as_long;
   const at::Tensor host = as_long.to(at::kCPU);
   for (int64_t b = 0; b < batch; ++b) {

@@ -61,6 +61,17 @@ inline at::Tensor checked_seq_idx(const char* op, const at::Tensor& seq_idx, Arg
   return seq_idx.to(at::kLong).contiguous();
 }
 
+// A per-batch-element int vector (state rows, cache lengths): (batch,) int32 or int64 on x's device,
+// returned as contiguous int64. Its values are the caller's to check.
+inline at::Tensor checked_batch_vector(const char* op, const at::Tensor& t, const char* name, Arg x, int64_t batch) {
+  check_same_device(op, x, {t, name});
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+                   " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, op, ": ", name, " must have shape (batch,) = (", batch,
+                    ",), got ", t.sizes());
+  return t.to(at::kLong).contiguous();
+}
+
 // A decode step's state rows under continuous batching (mamba_ssm's state_batch_indices,
 // causal-conv1d's conv_state_indices): (batch,) int32 or int64 on x's device, each a row of the state
 // cache in [0, state_rows) or −1 for a padding row, and no row named twice (two batch elements would
@@ -69,12 +80,7 @@ inline at::Tensor checked_seq_idx(const char* op, const at::Tensor& seq_idx, Arg
 // the kernels then treat a row outside the cache as padding). Returned as contiguous int64.
 inline at::Tensor checked_state_indices(const char* op, const at::Tensor& indices, const char* name, Arg x,
                                         int64_t batch, int64_t state_rows, bool values_on_host = true) {
-  check_same_device(op, x, {indices, name});
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op, ": ", name,
-                   " must be int32 or int64, got ", indices.scalar_type());
-  TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == batch, op, ": ", name, " must have shape (batch,) = (",
-                    batch, ",), got ", indices.sizes());
-  const at::Tensor as_long = indices.to(at::kLong).contiguous();
+  const at::Tensor as_long = checked_batch_vector(op, indices, name, x, batch);
   if (!values_on_host) return as_long;
   const at::Tensor host = as_long.to(at::kCPU);
   std::vector<int64_t> rows(host.const_data_ptr<int64_t>(), host.const_data_ptr<int64_t>() + batch);
