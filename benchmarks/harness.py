@@ -85,6 +85,19 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for the backward of fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
 def _forward_and_backward(fn, inputs, grad):
     # token ids and other integer inputs cannot require grad: they stay plain inputs
     leaves = [t.detach().requires_grad_() if t.is_floating_point() or t.is_complex() else t for t in inputs]

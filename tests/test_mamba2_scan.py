@@ -11,6 +11,7 @@ import torch
 
 import shammie
 from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference, ssd_scan_varlen_reference
+from shammie.benchmarks.harness import saved_bytes
 from conftest import DEVICES, DTYPES, assert_compiled_matches_eager, assert_matches_reference
 
 LOW = ("x", "dt", "B", "C", "z")      # in the activation dtype; A, D, dt_bias, initial_states in float32
@@ -525,8 +526,6 @@ def test_split_recomputing_training_path_equals_the_composition(case, dtype, mon
 def test_split_training_path_keeps_what_mamba_ssm_keeps():
     """At least the conv output and the norm's float32 intermediates (4 (batch, L, dim) float32) less
     than the composition; here 9.7 -> 4.6 of those units at Mamba2-130M's widths."""
-    from test_mamba_inner import saved_bytes
-
     inputs = split_inputs(ngroups=1, norm=True, before=False, proj=True, D="head", L=256, heads=8, headdim=16,
                           dstate=32, out_dim=64, dtype=torch.float32)
     leaves = {k: v.requires_grad_(True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

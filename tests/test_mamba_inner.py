@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import shammie
 from shammie.reference.causal_conv1d import causal_conv1d_reference
 from shammie.reference.selective_scan import selective_scan_reference
+from shammie.benchmarks.harness import saved_bytes
 from conftest import assert_compiled_matches_eager, assert_matches_reference
 
 BATCH, DIM, L, N, RANK, WIDTH, OUT = 2, 12, 21, 8, 3, 4, 10
@@ -89,19 +90,6 @@ def test_gradcheck_with_norms():
     names = list(inputs)
     fn = lambda *args: shammie_call(dict(zip(names, args)))
     assert torch.autograd.gradcheck(fn, tuple(v.requires_grad_(True) for v in inputs.values()), eps=1e-6, atol=1e-5)
-
-
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd keeps for the backward of fn()."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 def test_checkpoint_lvl_1_keeps_less_and_gives_the_same_gradients():
