@@ -8,7 +8,7 @@ import torch
 
 import shammie
 from shammie.benchmarks.harness import Case
-from shammie.reference.causal_conv1d import causal_conv1d_reference
+from shammie.reference.causal_conv1d import causal_conv1d_reference, causal_conv1d_varlen_states_reference
 
 # (name, batch, dim, seqlen, width): Mamba-130M's inner width is 1536, Mamba-1.4B's 4096.
 CPU_SHAPES = [("Mamba-130M", 2, 1536, 2048, 4)]
@@ -34,7 +34,28 @@ def _case(name, batch, dim, seqlen, width, dtype) -> Case:
         flops_forward=2.0 * elements * width, flops_backward=4.0 * elements * width)
 
 
+def _varlen_states_case(num_seqs, total, dim, state_len, dtype) -> Case:
+    """Conv states of a packed prefill (Mamba2-130M's conv width: 1536 + 2·128 channels)."""
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def make_inputs(device):
+        g = torch.Generator().manual_seed(0)
+        cuts = torch.randperm(total - 1, generator=g)[: num_seqs - 1].sort().values + 1
+        cu_seqlens = torch.cat([torch.tensor([0]), cuts, torch.tensor([total])])
+        return [torch.randn(total, dim, generator=g).to(device=device, dtype=dtype), cu_seqlens.to(device)]
+
+    moved = size * 2 * num_seqs * dim * state_len
+    return Case(
+        op="causal_conv1d_varlen_states", shape=f"packed prefill {num_seqs} seqs, {total} tokens, D={dim} "
+        f"state_len={state_len}", dtype=dtype, make_inputs=make_inputs,
+        ours=lambda x, cu: shammie.causal_conv1d_varlen_states(x, cu, state_len),
+        peer=lambda x, cu: causal_conv1d_varlen_states_reference(x, cu, state_len),
+        peer_name="causal-conv1d's reference (a slice copy per sequence; its Triton kernel is CUDA-only)",
+        bytes_forward=moved, bytes_backward=0, flops_forward=0.0, flops_backward=0.0, backward=False)
+
+
 def cases(device: torch.device, dtypes=None) -> list[Case]:
     shapes = CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
     dtypes = dtypes or ([torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32])
-    return [_case(*shape, dtype) for dtype in dtypes for shape in shapes]
+    return [_case(*shape, dtype) for dtype in dtypes for shape in shapes] + \
+        [_varlen_states_case(256, 16384, 1792, 3, dtype) for dtype in dtypes]

@@ -49,3 +49,15 @@ def causal_conv1d_update_reference(x, conv_state, weight, bias=None, activation=
     out = F.conv1d(seq, weight.unsqueeze(1), bias, groups=dim)[..., -steps:]
     out = F.silu(out) if activation in ("silu", "swish") else out
     return (out.squeeze(-1) if squeeze else out), seq[..., -state_len:]
+
+
+def causal_conv1d_varlen_states_reference(x, cu_seqlens, state_len):
+    """causal-conv1d's reference for causal_conv1d_varlen_states, written from its contract: one slice
+    copy per sequence (its last state_len tokens, zero-padded on the left), into (num_seqs, dim, state_len)."""
+    bounds = cu_seqlens.tolist()
+    states = x.new_zeros(len(bounds) - 1, state_len, x.shape[1]).transpose(1, 2)
+    for s, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        take = min(end - start, state_len)
+        if take:
+            states[s, :, state_len - take:] = x[end - take:end].T
+    return states
