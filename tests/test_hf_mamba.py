@@ -141,3 +141,16 @@ def test_mamba2_wrappers_pass_packed_sequences_through():
     conv_x, weight = torch.randn(1, 6, 20, generator=g), torch.randn(6, 4, generator=g)
     torch.testing.assert_close(wrappers.causal_conv1d_fn(conv_x, weight, seq_idx=seq_idx)[..., 7:],
                                shammie.causal_conv1d_fn(conv_x[..., 7:], weight))
+
+
+
+def test_wrappers_refuse_packing_arguments_they_cannot_honour():
+    """cu_seqlens reaches the conv and the fused mixer only through **kwargs: refused, not ignored."""
+    from shammie.integrations import transformers as wrappers
+
+    with pytest.raises(NotImplementedError, match=r"packed sequences \(cu_seqlens=...\)"):
+        wrappers.causal_conv1d_fn(torch.randn(1, 4, 6), torch.randn(4, 3), cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(NotImplementedError, match=r"packed sequences \(cu_seqlens=...\)"):
+        wrappers.mamba2_split_conv1d_scan_combined(torch.randn(1, 6, 2 * 8 + 2 * 4 + 2), torch.randn(16, 4), None,
+                                                   torch.zeros(2), -torch.ones(2), torch.ones(2), 16, headdim=4,
+                                                   cu_seqlens=torch.tensor([0, 6]))

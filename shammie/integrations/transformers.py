@@ -83,6 +83,7 @@ def mamba2_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bia
     activation shammie's conv does not fuse it returns None, which sends transformers to its unfused path."""
     if activation not in (None, "silu", "swish"):
         return None
+    _no_packed_sequences(kwargs, "mamba_split_conv1d_scan_combined")   # seq_idx is honoured; cu_seqlens is not
     return shammie.mamba_split_conv1d_scan_combined(
         zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=initial_states,
         seq_idx=seq_idx, dt_limit=dt_limit, return_final_states=return_final_states, activation=activation,
