@@ -49,18 +49,42 @@ def bench(args: argparse.Namespace) -> int:
     print(f"# {meta['command']}\n# {meta['machine']}; torch {meta['torch']}; {meta['date']}", flush=True)
     rows = []
     for case in registry.cases(ops, device, dtypes):
-        rows.append(measure(case, device, args.min_run_time))
-        print(f"  measured {case.op} {case.shape} {str(case.dtype).replace('torch.', '')}", file=sys.stderr, flush=True)
+        row = measure(case, device, args.min_run_time)
+        rows.append(row)
+        print(f"  measured {row['op']} {row['shape']} {row['dtype']}: fwd {row['speedup_fwd']:.2f}x, "
+              f"fwd+bwd {row['speedup_fwdbwd']:.2f}x", file=sys.stderr, flush=True)
+        if args.json:   # after every row, so a run cut short by a time limit keeps what it measured
+            write_json(rows, args.json, meta)
     print(format_table(rows))
-    if args.json:
-        write_json(rows, args.json, meta)
     return 0
+
+
+# Rejects an argument inside the extension, so the C++ exception unwinds through its frames.
+_ERROR_PROBE = """
+import torch, shammie
+try:
+    torch.ops.shammie.blockdiag_butterfly_multiply(torch.ones(2, 3), torch.ones(1, 1, 1), torch.ones(1, 1, 1))
+except ValueError:
+    print("ok")
+"""
+
+
+def cpp_errors_work() -> str:
+    """'ok' when an argument error raised in the extension reaches Python. A toolchain that breaks
+    C++ unwinding through the module (seen once, benchmarks/RESULTS.md) makes every rejected call
+    crash the process instead; this finds out in a child process."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", _ERROR_PROBE], capture_output=True, text=True, timeout=120)
+    if run.returncode == 0 and run.stdout.strip() == "ok":
+        return "ok"
+    return f"BROKEN (exit {run.returncode}): rebuild shammie; see README's GPU-cluster build"
 
 
 def info(_args: argparse.Namespace) -> int:
     import shammie
 
-    print(json.dumps(shammie.build_info(), indent=2))
+    print(json.dumps({**shammie.build_info(), "cpp_errors": cpp_errors_work()}, indent=2))
     return 0
 
 

@@ -29,6 +29,7 @@ SHAPES = {
     "no-batch": ((), 2, 3, 4, 3, 5, 2),
     "empty-batch": ((0,), 2, 3, 4, 3, 5, 2),
     "empty-inner-batch": ((3, 0), 2, 3, 4, 3, 5, 2),
+    "many-tokens": ((2, 150), 4, 8, 16, 8, 6, 4),
 }
 
 
@@ -51,8 +52,21 @@ def reference_with_grads(inputs, grad, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_forward_backward_match_reference(name, dtype, device):
+@pytest.mark.parametrize("impl", ["kernel", "gemm"])
+def test_forward_backward_match_reference(impl, name, dtype, device, monkeypatch):
+    # Both implementations on every device: the fused kernels and the batched GEMMs (cuBLAS on CUDA).
+    monkeypatch.setenv("SHAMMIE_MONARCH_IMPL", impl)
     check_against_reference(name, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_implementation_on_many_tokens(device, monkeypatch):
+    # auto takes the GEMMs on CUDA from 128 tokens up; a bad value is a clear error.
+    monkeypatch.delenv("SHAMMIE_MONARCH_IMPL", raising=False)
+    check_against_reference("many-tokens", torch.float32, device)
+    monkeypatch.setenv("SHAMMIE_MONARCH_IMPL", "fast")
+    with pytest.raises(ValueError, match="SHAMMIE_MONARCH_IMPL must be auto, kernel or gemm; got 'fast'"):
+        shammie.blockdiag_butterfly_multiply(*make_inputs(SHAPES["odd"], torch.float32, device))
 
 
 @pytest.mark.parametrize("isa", ["base", "avx512"])

@@ -23,14 +23,14 @@ void check_weight_and_bias(const char* op, const at::Tensor& x, const at::Tensor
   check_rank(op, {weight, "weight"}, 2, "(dim, width)");
   check_same_dtype(op, {x, "x"}, {weight, "weight"});
   check_same_device(op, {x, "x"}, {weight, "weight"});
-  TORCH_CHECK_VALUE(weight.size(0) == dim, op, ": weight must have shape (dim, width) with dim = ", dim,
+  SHAMMIE_CHECK_VALUE(weight.size(0) == dim, op, ": weight must have shape (dim, width) with dim = ", dim,
                     " (x's dimension 1), got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) >= 1, op, ": weight's width must be at least 1, got ", weight.sizes());
+  SHAMMIE_CHECK_VALUE(weight.size(1) >= 1, op, ": weight's width must be at least 1, got ", weight.sizes());
   if (bias) {
     check_rank(op, {*bias, "bias"}, 1, "(dim,)");
     check_same_dtype(op, {x, "x"}, {*bias, "bias"});
     check_same_device(op, {x, "x"}, {*bias, "bias"});
-    TORCH_CHECK_VALUE(bias->size(0) == dim, op, ": bias must have shape (", dim, ",), got ", bias->sizes());
+    SHAMMIE_CHECK_VALUE(bias->size(0) == dim, op, ": bias must have shape (", dim, ",), got ", bias->sizes());
   }
 }
 
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   ForwardArgs fwd = forward_args(op, x, weight, bias, silu, seq_idx);
   check_same_dtype(op, {x, "x"}, {grad_out, "grad_out"});
   check_same_device(op, {x, "x"}, {grad_out, "grad_out"});
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
+  SHAMMIE_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
                     ", got ", grad_out.sizes());
   BackwardArgs args{fwd, grad_out, at::empty(x.sizes(), x.options()), at::zeros(weight.sizes(), weight.options()),
                     at::zeros({fwd.dim}, weight.options())};
@@ -82,7 +82,7 @@ at::Tensor checked_cache_seqlens(const char* op, const at::Tensor& lengths, cons
   const at::Tensor host = as_long.to(at::kCPU);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t c = host.const_data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(c >= 0, op, ": cache_seqlens[", b, "] = ", c, " must be >= 0");
+    SHAMMIE_CHECK_VALUE(c >= 0, op, ": cache_seqlens[", b, "] = ", c, " must be >= 0");
   }
   return as_long;
 }
@@ -92,7 +92,7 @@ at::Tensor update(const at::Tensor& x_in, const at::Tensor& conv_state, const at
                   const std::optional<at::Tensor>& conv_state_indices,
                   const std::optional<at::Tensor>& cache_seqlens, UpdateKernel kernel, bool values_on_host) {
   constexpr const char* op = "causal_conv1d_update";
-  TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 3, op,
+  SHAMMIE_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 3, op,
                     ": x must be (batch, dim) or (batch, dim, seqlen), got a tensor of shape ", x_in.sizes());
   check_floating(op, {x_in, "x"});
   const at::Tensor x = x_in.dim() == 2 ? x_in.unsqueeze(-1) : x_in;
@@ -101,15 +101,15 @@ at::Tensor update(const at::Tensor& x_in, const at::Tensor& conv_state, const at
   check_same_device(op, {x, "x"}, {conv_state, "conv_state"});
   check_weight_and_bias(op, x, weight, bias, x.size(1));
   if (conv_state_indices) {   // conv_state is a cache with any number of rows
-    TORCH_CHECK_VALUE(conv_state.size(1) == x.size(1), op,
+    SHAMMIE_CHECK_VALUE(conv_state.size(1) == x.size(1), op,
                       ": conv_state must be (cache_rows, dim, state_len) with dim = ", x.size(1), ", got ",
                       conv_state.sizes());
   } else {
-    TORCH_CHECK_VALUE(conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1), op,
+    SHAMMIE_CHECK_VALUE(conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1), op,
                       ": conv_state must be (batch, dim, state_len) = (", x.size(0), ", ", x.size(1),
                       ", state_len), got ", conv_state.sizes());
   }
-  TORCH_CHECK_VALUE(conv_state.size(2) >= weight.size(1) - 1, op, ": conv_state's state_len (",
+  SHAMMIE_CHECK_VALUE(conv_state.size(2) >= weight.size(1) - 1, op, ": conv_state's state_len (",
                     conv_state.size(2), ") must be at least width - 1 = ", weight.size(1) - 1);
   std::optional<at::Tensor> b;
   if (bias) b = bias->contiguous();

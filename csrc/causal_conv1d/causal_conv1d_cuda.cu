@@ -4,6 +4,7 @@
 //             one block per (channel, tap) reduces grad weight (and grad bias) over (batch, time)
 //             through shared memory: deterministic, no atomics;
 //   update    one thread per (b, d) row: the window over [conv_state, x], then the state shift.
+#include "common/errors.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -205,7 +206,7 @@ void backward_cuda(const BackwardArgs& args) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // One block per weight and bias entry, on grid.x (grid.y would cap the width at 65,534).
     const int64_t entries = a.dim * (a.width + 1);
-    TORCH_CHECK(entries <= INT32_MAX, "causal_conv1d_fn: dim · (width + 1) = ", entries,
+    SHAMMIE_CHECK(entries <= INT32_MAX, "causal_conv1d_fn: dim · (width + 1) = ", entries,
                 " is too large for one CUDA launch");
     grad_weight_kernel<scalar_t, acc_t><<<entries, kThreads, 0, stream>>>(
         gp.const_data_ptr<acc_t>(), a.x.const_data_ptr<scalar_t>(), strides_of(a.x), seq_ptr(a.seq_idx),

@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/errors.h"
+
 #include <algorithm>
 #include <string_view>
 #include <vector>
@@ -17,35 +19,35 @@ struct Arg {
 };
 
 inline void check_rank(const char* op, Arg a, int64_t rank, const char* layout) {
-  TORCH_CHECK_VALUE(a.tensor.dim() == rank, op, ": ", a.name, " must be ", rank, "-D ", layout,
+  SHAMMIE_CHECK_VALUE(a.tensor.dim() == rank, op, ": ", a.name, " must be ", rank, "-D ", layout,
                     ", got a tensor of shape ", a.tensor.sizes());
 }
 
 inline void check_min_rank(const char* op, Arg a, int64_t rank, const char* layout) {
-  TORCH_CHECK_VALUE(a.tensor.dim() >= rank, op, ": ", a.name, " must have at least ", rank,
+  SHAMMIE_CHECK_VALUE(a.tensor.dim() >= rank, op, ": ", a.name, " must have at least ", rank,
                     " dimension(s) ", layout, ", got a tensor of shape ", a.tensor.sizes());
 }
 
 // float32, float16, bfloat16 and float64 (the last for gradcheck and numpy-born data).
 inline void check_floating(const char* op, Arg a) {
   const auto t = a.tensor.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op,
+  SHAMMIE_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op,
                    ": ", a.name, " must be float32, float16, bfloat16 or float64, got ", t);
 }
 
 inline void check_shape(const char* op, Arg a, at::IntArrayRef expected, const char* layout) {
-  TORCH_CHECK_VALUE(a.tensor.sizes() == expected, op, ": ", a.name, " must have shape ", layout, " = ", expected,
+  SHAMMIE_CHECK_VALUE(a.tensor.sizes() == expected, op, ": ", a.name, " must have shape ", layout, " = ", expected,
                     ", got ", a.tensor.sizes());
 }
 
 inline void check_same_dtype(const char* op, Arg a, Arg b) {
-  TORCH_CHECK_TYPE(a.tensor.scalar_type() == b.tensor.scalar_type(), op, ": ", b.name,
+  SHAMMIE_CHECK_TYPE(a.tensor.scalar_type() == b.tensor.scalar_type(), op, ": ", b.name,
                    " must have the same dtype as ", a.name, " (", a.tensor.scalar_type(), "), got ",
                    b.tensor.scalar_type());
 }
 
 inline void check_same_device(const char* op, Arg a, Arg b) {
-  TORCH_CHECK_VALUE(a.tensor.device() == b.tensor.device(), op, ": ", b.name,
+  SHAMMIE_CHECK_VALUE(a.tensor.device() == b.tensor.device(), op, ": ", b.name,
                     " must be on the same device as ", a.name, " (", a.tensor.device(), "), got ",
                     b.tensor.device());
 }
@@ -54,9 +56,9 @@ inline void check_same_device(const char* op, Arg a, Arg b) {
 // on x's device; returned as contiguous int64 for the kernels.
 inline at::Tensor checked_seq_idx(const char* op, const at::Tensor& seq_idx, Arg x, int64_t batch, int64_t seqlen) {
   check_same_device(op, x, {seq_idx, "seq_idx"});
-  TORCH_CHECK_TYPE(seq_idx.scalar_type() == at::kInt || seq_idx.scalar_type() == at::kLong, op,
+  SHAMMIE_CHECK_TYPE(seq_idx.scalar_type() == at::kInt || seq_idx.scalar_type() == at::kLong, op,
                    ": seq_idx must be int32 or int64, got ", seq_idx.scalar_type());
-  TORCH_CHECK_VALUE(seq_idx.dim() == 2 && seq_idx.size(0) == batch && seq_idx.size(1) == seqlen, op,
+  SHAMMIE_CHECK_VALUE(seq_idx.dim() == 2 && seq_idx.size(0) == batch && seq_idx.size(1) == seqlen, op,
                     ": seq_idx must have shape (batch, seqlen) = (", batch, ", ", seqlen, "), got ", seq_idx.sizes());
   return seq_idx.to(at::kLong).contiguous();
 }
@@ -65,9 +67,9 @@ inline at::Tensor checked_seq_idx(const char* op, const at::Tensor& seq_idx, Arg
 // returned as contiguous int64. Its values are the caller's to check.
 inline at::Tensor checked_batch_vector(const char* op, const at::Tensor& t, const char* name, Arg x, int64_t batch) {
   check_same_device(op, x, {t, name});
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+  SHAMMIE_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
                    " must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, op, ": ", name, " must have shape (batch,) = (", batch,
+  SHAMMIE_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, op, ": ", name, " must have shape (batch,) = (", batch,
                     ",), got ", t.sizes());
   return t.to(at::kLong).contiguous();
 }
@@ -85,13 +87,13 @@ inline at::Tensor checked_state_indices(const char* op, const at::Tensor& indice
   const at::Tensor host = as_long.to(at::kCPU);
   std::vector<int64_t> rows(host.const_data_ptr<int64_t>(), host.const_data_ptr<int64_t>() + batch);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_VALUE(rows[b] >= -1 && rows[b] < state_rows, op, ": ", name, "[", b, "] = ", rows[b],
+    SHAMMIE_CHECK_VALUE(rows[b] >= -1 && rows[b] < state_rows, op, ": ", name, "[", b, "] = ", rows[b],
                       " is not a state row in [0, ", state_rows, ") or -1 (padding)");
   }
   std::sort(rows.begin(), rows.end());
   const auto same_row = [](int64_t a, int64_t b) { return a >= 0 && a == b; };
   const auto twice = std::adjacent_find(rows.begin(), rows.end(), same_row);
-  TORCH_CHECK_VALUE(twice == rows.end(), op, ": ", name, " names state row ", twice == rows.end() ? 0 : *twice,
+  SHAMMIE_CHECK_VALUE(twice == rows.end(), op, ": ", name, " names state row ", twice == rows.end() ? 0 : *twice,
                     " twice (each batch element needs its own state row)");
   return as_long;
 }

@@ -1,4 +1,5 @@
 // Picks the CPU kernel copy: the best instruction set compiled in and supported by this processor.
+#include "common/errors.h"
 #include "common/cpu_isa.h"
 
 #include <c10/util/Exception.h>
@@ -30,7 +31,7 @@ CpuIsa parse_cap(std::string_view s) {
   if (s == "base") return CpuIsa::base;
   if (s == "avx2") return CpuIsa::avx2;
   if (s == "avx512") return CpuIsa::avx512;
-  TORCH_CHECK_VALUE(false, "SHAMMIE_CPU_ISA must be one of base, avx2, avx512; got '", s, "'");
+  SHAMMIE_CHECK_VALUE(false, "SHAMMIE_CPU_ISA must be one of base, avx2, avx512; got '", s, "'");
 }
 
 }  // namespace

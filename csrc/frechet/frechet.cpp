@@ -24,19 +24,19 @@ namespace {
 // The candidate label ids, sorted and unique, from a bool mask (N,) or an int64 index tensor.
 at::Tensor candidate_ids(const char* op, const at::Tensor& c, const at::Tensor& x, int64_t n) {
   check_same_device(op, {x, "x"}, {c, "candidates"});
-  TORCH_CHECK_VALUE(c.dim() == 1, op, ": candidates must be 1-D (a bool mask of shape (N,) or int64 label ids), ",
+  SHAMMIE_CHECK_VALUE(c.dim() == 1, op, ": candidates must be 1-D (a bool mask of shape (N,) or int64 label ids), ",
                     "got a tensor of shape ", c.sizes());
   if (c.scalar_type() == at::kBool) {
-    TORCH_CHECK_VALUE(c.size(0) == n, op, ": a bool candidates mask must have shape (N,) = (", n,
+    SHAMMIE_CHECK_VALUE(c.size(0) == n, op, ": a bool candidates mask must have shape (N,) = (", n,
                       ",), got ", c.sizes());
     return at::nonzero(c).view({-1});
   }
-  TORCH_CHECK_TYPE(c.scalar_type() == at::kLong, op,
+  SHAMMIE_CHECK_TYPE(c.scalar_type() == at::kLong, op,
                    ": candidates must be a bool mask or an int64 (long) tensor of label ids, got ", c.scalar_type());
   if (c.numel() == 0) return c.contiguous();
   const at::Tensor ids = std::get<0>(at::_unique(c, /*sorted=*/true));
   const int64_t lo = ids[0].item<int64_t>(), hi = ids[-1].item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0 && hi < n, op, ": candidates must be label ids in [0, N) = [0, ", n, "), got ids from ",
+  SHAMMIE_CHECK_VALUE(lo >= 0 && hi < n, op, ": candidates must be label ids in [0, N) = [0, ", n, "), got ids from ",
                     lo, " to ", hi);
   return ids;
 }
@@ -53,20 +53,20 @@ std::tuple<at::Tensor, at::Tensor> run(const char* op, const at::Tensor& x, cons
   check_rank(op, {w, wname}, 2, "(K, N)");
   check_same_dtype(op, {x, xname}, {w, wname});
   check_same_device(op, {x, xname}, {w, wname});
-  TORCH_CHECK_VALUE(x.size(1) == w.size(0), op, ": ", xname, " is (B, K) = ", x.sizes(), " and ", wname,
+  SHAMMIE_CHECK_VALUE(x.size(1) == w.size(0), op, ": ", xname, " is (B, K) = ", x.sizes(), " and ", wname,
                     " is (K, N) = ", w.sizes(), ": their K must match");
   const int64_t n = w.size(1);
   if (bias) {
     check_rank(op, {*bias, "bias"}, 1, "(N,)");
     check_same_dtype(op, {x, xname}, {*bias, "bias"});
     check_same_device(op, {x, xname}, {*bias, "bias"});
-    TORCH_CHECK_VALUE(bias->size(0) == n, op, ": bias must have shape (N,) = (", n, ",), got ", bias->sizes());
+    SHAMMIE_CHECK_VALUE(bias->size(0) == n, op, ": bias must have shape (N,) = (", n, ",), got ", bias->sizes());
   }
-  TORCH_CHECK_VALUE(k >= 1, op, ": k must be at least 1, got ", k);
+  SHAMMIE_CHECK_VALUE(k >= 1, op, ": k must be at least 1, got ", k);
   std::optional<at::Tensor> ids;
   if (candidates) ids = candidate_ids(op, *candidates, x, n);
   const int64_t count = ids ? ids->numel() : n;
-  TORCH_CHECK_VALUE(k <= count, op, ": k = ", k, " is more than the number of candidate labels (", count, ")");
+  SHAMMIE_CHECK_VALUE(k <= count, op, ": k = ", k, " is more than the number of candidate labels (", count, ")");
   std::optional<at::Tensor> b;
   if (bias) b = bias->contiguous();
   Args args{x.size(0), x.size(1), n, count, k, largest, x.contiguous(), w.contiguous(), b, ids,
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> frechet_topk(const at::Tensor& probs, const a
   constexpr const char* op = "frechet_topk";
   check_floating(op, {probs, "probs"});
   // Value-dependent (one device sync on CUDA): Fréchet weights must be non-negative numbers.
-  TORCH_CHECK_VALUE(!at::any(at::lt(probs, 0).logical_or_(at::isnan(probs))).item<bool>(), op,
+  SHAMMIE_CHECK_VALUE(!at::any(at::lt(probs, 0).logical_or_(at::isnan(probs))).item<bool>(), op,
                     ": probs must be non-negative with no NaN");
   return run(op, probs, sq_dists, std::nullopt, k, candidates, false, kernel);
 }
@@ -95,7 +95,10 @@ std::tuple<at::Tensor, at::Tensor> frechet_topk(const at::Tensor& probs, const a
 }  // namespace frechet
 
 namespace {
-void topk_cpu(const frechet::Args& a) { SHAMMIE_CPU_DISPATCH(frechet_gemm_bias_topk, a); }
+void topk_cpu(const frechet::Args& a) {
+  if (frechet::chosen_impl(a, /*cuda=*/false) == frechet::Impl::kGemm) return frechet::topk_gemm(a, frechet::kCpuGemmSelect);
+  SHAMMIE_CPU_DISPATCH(frechet_gemm_bias_topk, a);
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shammie, m) {

@@ -64,6 +64,26 @@ struct Args {
 
 using Kernel = void (*)(const Args&);
 
+// Two implementations: the fused kernels (frechet_cpu_kernels.cpp, frechet_cuda.cuh) and tiled
+// GEMMs plus a selection pass (frechet_gemm.cpp), for k ≤ kGemmMaxK. SHAMMIE_FRECHET_IMPL=
+// kernel|gemm|auto picks one (auto: the GEMMs on CUDA for B·count ≥ 2^16, the kernels otherwise).
+enum class Impl { kKernel, kGemm };
+constexpr int64_t kGemmMaxK = 32;
+Impl chosen_impl(const Args& a, bool cuda);
+
+// What the GEMM implementation needs from a device.
+struct GemmSelect {
+  int64_t (*segments)(int64_t cols);   // partial lists per row for a score block this wide
+  // Folds scores (rows, cols) of rows [row0, row0 + rows), whose columns are the labels col_labels,
+  // into the lists [group0, group0 + segments) of keys/labels (groups, B, k), each list written whole.
+  void (*select)(const at::Tensor& scores, const at::Tensor& col_labels, int64_t row0, int64_t group0,
+                 int64_t segments, const Args& a, at::Tensor& keys, at::Tensor& labels);
+  // Merges each row's lists and writes a.values and a.indices.
+  void (*finish)(const Args& a, at::Tensor& keys, at::Tensor& labels);
+};
+extern const GemmSelect kCpuGemmSelect;
+void topk_gemm(const Args& a, const GemmSelect& device);
+
 std::tuple<at::Tensor, at::Tensor> gemm_bias_topk(const at::Tensor& x, const at::Tensor& w,
                                                   const std::optional<at::Tensor>& bias, int64_t k,
                                                   const std::optional<at::Tensor>& candidates, bool largest,

@@ -12,6 +12,7 @@
 // the groups' lists per row.
 #pragma once
 
+#include "common/errors.h"
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -242,7 +243,7 @@ void launch(const Args& a) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t row_blocks = (a.batch + kBM - 1) / kBM;
   const int64_t label_tiles = (a.count + kBN - 1) / kBN;
-  TORCH_CHECK(row_blocks <= INT32_MAX, "gemm_bias_topk: batch too large for one launch");
+  SHAMMIE_CHECK(row_blocks <= INT32_MAX, "gemm_bias_topk: batch too large for one launch");
   const int64_t groups = std::clamp<int64_t>((4 * sms + row_blocks - 1) / row_blocks, 1,
                                              std::min<int64_t>(label_tiles, 65535));
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;

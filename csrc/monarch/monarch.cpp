@@ -32,14 +32,14 @@ Dims check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w
   d.k = w1.size(0), d.q = w1.size(1), d.p = w1.size(2);
   d.l = w2.size(0), d.s = w2.size(1), d.r = w2.size(2);
   const int64_t n = x.size(-1);
-  TORCH_CHECK_VALUE(d.k > 0 && d.q > 0 && d.p > 0, kOp, ": w1_bfly must have non-zero sizes, got ",
+  SHAMMIE_CHECK_VALUE(d.k > 0 && d.q > 0 && d.p > 0, kOp, ": w1_bfly must have non-zero sizes, got ",
                     w1.sizes());
-  TORCH_CHECK_VALUE(d.l > 0 && d.s > 0 && d.r > 0, kOp, ": w2_bfly must have non-zero sizes, got ",
+  SHAMMIE_CHECK_VALUE(d.l > 0 && d.s > 0 && d.r > 0, kOp, ": w2_bfly must have non-zero sizes, got ",
                     w2.sizes());
-  TORCH_CHECK_VALUE(d.k * d.p == n, kOp, ": x's last dimension must equal k·p = ", d.k, "·", d.p,
+  SHAMMIE_CHECK_VALUE(d.k * d.p == n, kOp, ": x's last dimension must equal k·p = ", d.k, "·", d.p,
                     " = ", d.k * d.p, " for w1_bfly of shape (k, q, p) = ", w1.sizes(), ", got ",
                     n);
-  TORCH_CHECK_VALUE(d.l * d.r == d.k * d.q, kOp, ": w2_bfly of shape (l, s, r) = ", w2.sizes(),
+  SHAMMIE_CHECK_VALUE(d.l * d.r == d.k * d.q, kOp, ": w2_bfly of shape (l, s, r) = ", w2.sizes(),
                     " needs l·r = k·q = ", d.k * d.q, " (from w1_bfly ", w1.sizes(), "), got l·r = ",
                     d.l * d.r);
   d.tokens = n == 0 ? 0 : x.numel() / n;
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   check_same_dtype(op, {x, "x"}, {grad_y, "grad_out"});
   check_same_device(op, {x, "x"}, {grad_y, "grad_out"});
   const auto expected = output_shape(x, d.out());
-  TORCH_CHECK_VALUE(grad_y.sizes().vec() == expected, op, ": grad_out must have shape ",
+  SHAMMIE_CHECK_VALUE(grad_y.sizes().vec() == expected, op, ": grad_out must have shape ",
                     at::IntArrayRef(expected), ", got ", grad_y.sizes());
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_w1 = at::empty(w1.sizes(), w1.options());
@@ -99,10 +99,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
 namespace {
 
 void forward_cpu_kernel(const monarch::ForwardArgs& args) {
+  if (monarch::chosen_impl(args.dims, /*cuda=*/false) == monarch::Impl::kGemm) return monarch::forward_gemm(args);
   SHAMMIE_CPU_DISPATCH(monarch_forward, args);
 }
 
 void backward_cpu_kernel(const monarch::BackwardArgs& args) {
+  if (monarch::chosen_impl(args.dims, /*cuda=*/false) == monarch::Impl::kGemm) return monarch::backward_gemm(args);
   SHAMMIE_CPU_DISPATCH(monarch_backward, args);
 }
 

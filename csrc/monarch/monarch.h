@@ -52,6 +52,16 @@ struct BackwardArgs {
   at::Tensor grad_w1, grad_w2;  // like w1, w2
 };
 
+// Two implementations: the fused kernels (monarch_cpu_kernels.cpp, monarch_forward.cu,
+// monarch_backward.cu) and two batched GEMMs with the shuffles as copies (monarch_gemm.cpp).
+// SHAMMIE_MONARCH_IMPL=kernel|gemm|auto picks one (auto: the GEMMs on CUDA from
+// kGemmMinTokensCuda tokens up, the kernels otherwise).
+enum class Impl { kKernel, kGemm };
+constexpr int64_t kGemmMinTokensCuda = 128;
+Impl chosen_impl(const Dims& d, bool cuda);
+void forward_gemm(const ForwardArgs& args);
+void backward_gemm(const BackwardArgs& args);
+
 using ForwardKernel = void (*)(const ForwardArgs&);
 using BackwardKernel = void (*)(const BackwardArgs&);
 

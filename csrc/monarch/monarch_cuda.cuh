@@ -5,6 +5,7 @@
 // kChunk multiply-adds.
 #pragma once
 
+#include "common/errors.h"
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
@@ -102,7 +103,7 @@ inline int64_t tile_tokens(int64_t tokens, int sms, int64_t scratch_bytes_per_to
 // Blocks of `tile` tokens for a 1-D grid (gridDim.x < 2^31).
 inline int64_t token_blocks(int64_t tokens, int64_t tile) {
   const int64_t blocks = (tokens + tile - 1) / tile;
-  TORCH_CHECK(blocks <= INT32_MAX, "blockdiag_butterfly_multiply: ", tokens, " tokens are too many for one CUDA launch");
+  SHAMMIE_CHECK(blocks <= INT32_MAX, "blockdiag_butterfly_multiply: ", tokens, " tokens are too many for one CUDA launch");
   return blocks;
 }
 

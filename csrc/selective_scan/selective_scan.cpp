@@ -24,17 +24,17 @@ constexpr const char* kOp = "selective_scan";
 std::pair<at::Tensor, int64_t> time_major(Arg a, int64_t batch, int64_t dim, int64_t dstate, int64_t seqlen,
                                           at::ScalarType acc) {
   const at::Tensor& t = a.tensor;
-  TORCH_CHECK_TYPE(!t.is_complex(), kOp, ": complex ", a.name, " is not supported (only real A, B, C)");
+  SHAMMIE_CHECK_TYPE(!t.is_complex(), kOp, ": complex ", a.name, " is not supported (only real A, B, C)");
   check_floating(kOp, a);
   if (t.dim() == 2) {
     check_shape(kOp, a, {dim, dstate}, "(dim, dstate) for a constant one");
     return {t.to(acc).contiguous(), 0};
   }
-  TORCH_CHECK_VALUE(t.dim() == 3 || t.dim() == 4, kOp, ": ", a.name,
+  SHAMMIE_CHECK_VALUE(t.dim() == 3 || t.dim() == 4, kOp, ": ", a.name,
                     " must be (dim, dstate), (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen), got ",
                     t.sizes());
   const int64_t groups = t.dim() == 4 ? t.size(1) : 1;
-  TORCH_CHECK_VALUE(groups >= 1 && dim % groups == 0, kOp, ": dim (", dim, ") must be a multiple of ", a.name,
+  SHAMMIE_CHECK_VALUE(groups >= 1 && dim % groups == 0, kOp, ": dim (", dim, ") must be a multiple of ", a.name,
                     "'s ngroups (", groups, ")");
   if (t.dim() == 4) check_shape(kOp, a, {batch, groups, dstate, seqlen}, "(batch, ngroups, dstate, seqlen)");
   else check_shape(kOp, a, {batch, dstate, seqlen}, "(batch, dstate, seqlen)");
@@ -64,17 +64,17 @@ ScanArgs make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
     check_shape(kOp, {*z, "z"}, u.sizes(), "(batch, dim, seqlen) like u");
     check_same_dtype(kOp, {u, "u"}, {*z, "z"});
   }
-  TORCH_CHECK_TYPE(!A.is_complex(), kOp, ": complex A is not supported (only real A, B, C)");
+  SHAMMIE_CHECK_TYPE(!A.is_complex(), kOp, ": complex A is not supported (only real A, B, C)");
   check_floating(kOp, {A, "A"});
   check_rank(kOp, {A, "A"}, 2, "(dim, dstate)");
   const int64_t dstate = A.size(1);
-  TORCH_CHECK_VALUE(A.size(0) == dim && dstate >= 1 && dstate <= kMaxDstate, kOp,
+  SHAMMIE_CHECK_VALUE(A.size(0) == dim && dstate >= 1 && dstate <= kMaxDstate, kOp,
                     ": A must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxDstate, ", got ",
                     A.sizes());
   const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto [B_t, B_groups] = time_major({B, "B"}, batch, dim, dstate, seqlen, acc);
   auto [C_t, C_groups] = time_major({C, "C"}, batch, dim, dstate, seqlen, acc);
-  TORCH_CHECK_VALUE(B_groups == 0 || C_groups == 0 || B_groups == C_groups, kOp,
+  SHAMMIE_CHECK_VALUE(B_groups == 0 || C_groups == 0 || B_groups == C_groups, kOp,
                     ": B and C must have the same ngroups, got ", B_groups, " and ", C_groups);
   const int64_t groups = std::max<int64_t>({B_groups, C_groups, 1});
   return ScanArgs{batch, dim, seqlen, dstate, groups, delta_softplus, B_groups > 0, C_groups > 0,
@@ -114,7 +114,7 @@ std::vector<at::Tensor> selective_scan_backward(
   const std::vector<int64_t> cp_shape{in.batch, in.dim, num_checkpoints(in.seqlen, in.dstate), in.dstate};
   check_same_device(kOp, {u, "u"}, {checkpoints, "checkpoints"});
   check_shape(kOp, {checkpoints, "checkpoints"}, cp_shape, "(batch, dim, num_checkpoints, dstate), as the forward returned");
-  TORCH_CHECK_TYPE(checkpoints.scalar_type() == in.A.scalar_type(), kOp, ": checkpoints must be ",
+  SHAMMIE_CHECK_TYPE(checkpoints.scalar_type() == in.A.scalar_type(), kOp, ": checkpoints must be ",
                    in.A.scalar_type(), ", as the forward returned, got ", checkpoints.scalar_type());
   in.checkpoints = checkpoints.contiguous();
   check_same_device(kOp, {u, "u"}, {grad_out, "grad_out"});

@@ -10,6 +10,7 @@
 // tile's states into registers and sweeps the tile in reverse.
 #pragma once
 
+#include "common/errors.h"
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -344,7 +345,7 @@ ScanParams<scalar_t, acc_t> make_params(const ScanArgs& a, const LaunchShape& sh
 
 inline unsigned num_blocks(const ScanArgs& a, const LaunchShape& shape) {
   const int64_t blocks = a.batch * ((a.dim + shape.cpb - 1) / shape.cpb);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "selective_scan: batch · dim is too large for one launch");
+  SHAMMIE_CHECK(blocks < (int64_t(1) << 31), "selective_scan: batch · dim is too large for one launch");
   return static_cast<unsigned>(blocks);
 }
 

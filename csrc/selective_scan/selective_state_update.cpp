@@ -36,18 +36,18 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
                                   const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
                                   const std::optional<at::Tensor>& state_batch_indices, StateUpdateKernel kernel,
                                   bool values_on_host) {
-  TORCH_CHECK_VALUE(state_in.dim() == 3 || state_in.dim() == 4, kOp,
+  SHAMMIE_CHECK_VALUE(state_in.dim() == 3 || state_in.dim() == 4, kOp,
                     ": state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got ", state_in.sizes());
   const bool four_d = state_in.dim() == 4;
   const at::Tensor state = four_d ? state_in : state_in.unsqueeze(1);
   // With state_batch_indices the state is a cache of any number of rows, and x gives the batch.
   const int64_t batch = state_batch_indices && x_in.dim() > 0 ? x_in.size(0) : state.size(0);
   const int64_t heads = state.size(1), dim = state.size(2), dstate = state.size(3);
-  TORCH_CHECK_VALUE(dstate >= 1, kOp, ": state's dstate must be at least 1, got ", state_in.sizes());
+  SHAMMIE_CHECK_VALUE(dstate >= 1, kOp, ": state's dstate must be at least 1, got ", state_in.sizes());
   check_floating(kOp, {state_in, "state"});
   check_floating(kOp, {x_in, "x"});
   const auto dtype = x_in.scalar_type();
-  TORCH_CHECK_TYPE(state_in.scalar_type() == dtype || state_in.scalar_type() == at::kFloat, kOp,
+  SHAMMIE_CHECK_TYPE(state_in.scalar_type() == dtype || state_in.scalar_type() == at::kFloat, kOp,
                    ": state must have x's dtype (", dtype, ") or float32, got ", state_in.scalar_type());
   const char* act_layout = four_d ? "(batch, nheads, dim)" : "(batch, dim)";
   const std::vector<int64_t> act_shape = four_d ? std::vector<int64_t>{batch, heads, dim} : std::vector<int64_t>{batch, dim};
@@ -62,7 +62,7 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
     check_same_dtype(kOp, {x_in, "x"}, {*z_in, "z"});
     check_same_device(kOp, {x_in, "x"}, {*z_in, "z"});
   }
-  TORCH_CHECK_TYPE(!A_in.is_complex(), kOp, ": complex A is not supported");
+  SHAMMIE_CHECK_TYPE(!A_in.is_complex(), kOp, ": complex A is not supported");
   check_floating(kOp, {A_in, "A"});
   check_same_device(kOp, {x_in, "x"}, {A_in, "A"});
   if (four_d) check_shape(kOp, {A_in, "A"}, {heads, dim, dstate}, "(nheads, dim, dstate)");
@@ -74,7 +74,7 @@ at::Tensor selective_state_update(const at::Tensor& state_in, const at::Tensor& 
     check_same_device(kOp, {x_in, "x"}, a);
   }
   const int64_t groups = four_d ? B_in.size(1) : 1;
-  TORCH_CHECK_VALUE(groups >= 1 && heads % groups == 0, kOp, ": nheads (", heads,
+  SHAMMIE_CHECK_VALUE(groups >= 1 && heads % groups == 0, kOp, ": nheads (", heads,
                     ") must be a multiple of B's ngroups (", groups, ")");
   for (Arg a : {Arg{B_in, "B"}, Arg{C_in, "C"}}) {
     if (four_d) check_shape(kOp, a, {batch, groups, dstate}, "(batch, ngroups, dstate)");

@@ -38,23 +38,23 @@ at::Tensor parameter(const std::optional<at::Tensor>& t, const char* name, const
 // given seq_idx must change exactly where a non-empty sequence starts.
 void add_packing(SsdArgs& a, const at::Tensor& cu_seqlens, const at::Tensor& x) {
   check_same_device(kOp, {x, "x"}, {cu_seqlens, "cu_seqlens"});
-  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, kOp,
+  SHAMMIE_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, kOp,
                    ": cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2, kOp,
+  SHAMMIE_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2, kOp,
                     ": cu_seqlens must have shape (num_seqs + 1,) with num_seqs >= 1, got ", cu_seqlens.sizes());
-  TORCH_CHECK_VALUE(a.batch == 1, kOp, ": cu_seqlens needs batch 1 (sequences packed along seqlen), got batch ",
+  SHAMMIE_CHECK_VALUE(a.batch == 1, kOp, ": cu_seqlens needs batch 1 (sequences packed along seqlen), got batch ",
                     a.batch);
   const at::Tensor cu = cu_seqlens.to(at::kCPU).to(at::kLong).contiguous();
   const int64_t* c = cu.const_data_ptr<int64_t>();
   const int64_t num_seqs = cu.size(0) - 1, L = a.seqlen;
-  TORCH_CHECK_VALUE(c[0] == 0 && c[num_seqs] == L, kOp, ": cu_seqlens must run from 0 to seqlen (", L, "), got ",
+  SHAMMIE_CHECK_VALUE(c[0] == 0 && c[num_seqs] == L, kOp, ": cu_seqlens must run from 0 to seqlen (", L, "), got ",
                     c[0], " .. ", c[num_seqs]);
   for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK_VALUE(c[s] <= c[s + 1], kOp, ": cu_seqlens must be non-decreasing, got cu_seqlens[", s, "] = ", c[s],
+    SHAMMIE_CHECK_VALUE(c[s] <= c[s + 1], kOp, ": cu_seqlens must be non-decreasing, got cu_seqlens[", s, "] = ", c[s],
                       " > cu_seqlens[", s + 1, "] = ", c[s + 1]);
   }
   // An empty first sequence would have to end in the initial state while step 0 starts from it.
-  TORCH_CHECK_VALUE(!a.initial_states || c[1] > 0, kOp,
+  SHAMMIE_CHECK_VALUE(!a.initial_states || c[1] > 0, kOp,
                     ": with initial_states the first sequence must not be empty (cu_seqlens[1] > 0)");
   const auto host_long = at::TensorOptions().dtype(at::kLong);
   at::Tensor slot = at::full({1, L}, -1, host_long), ids = at::empty({1, L}, host_long);
@@ -69,7 +69,7 @@ void add_packing(SsdArgs& a, const at::Tensor& cu_seqlens, const at::Tensor& x) 
     const int64_t* g = given.const_data_ptr<int64_t>();
     for (int64_t t = 1; t < L; ++t) {
       const bool starts = g[t] != g[t - 1];
-      TORCH_CHECK_VALUE(starts == (id[t] != id[t - 1]), kOp, ": seq_idx and cu_seqlens disagree at step ", t,
+      SHAMMIE_CHECK_VALUE(starts == (id[t] != id[t - 1]), kOp, ": seq_idx and cu_seqlens disagree at step ", t,
                         ": seq_idx ", starts ? "starts" : "does not start", " a sequence there");
     }
   } else {
@@ -89,9 +89,9 @@ SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
   const int64_t batch = x.size(0), seqlen = x.size(1), heads = x.size(2), headdim = x.size(3);
   check_rank(kOp, {B, "B"}, 4, "(batch, seqlen, ngroups, dstate)");
   const int64_t groups = B.size(2), dstate = B.size(3);
-  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxDstate, kOp, ": B and C must have 1 <= dstate <= ", kMaxDstate,
+  SHAMMIE_CHECK_VALUE(dstate >= 1 && dstate <= kMaxDstate, kOp, ": B and C must have 1 <= dstate <= ", kMaxDstate,
                     ", got ", dstate);
-  TORCH_CHECK_VALUE(groups >= 1 && heads % groups == 0, kOp, ": nheads (", heads, ") must be a multiple of ngroups (",
+  SHAMMIE_CHECK_VALUE(groups >= 1 && heads % groups == 0, kOp, ": nheads (", heads, ") must be a multiple of ngroups (",
                     groups, ")");
   for (Arg a : {Arg{dt, "dt"}, Arg{A, "A"}, Arg{B, "B"}, Arg{C, "C"}}) check_same_device(kOp, {x, "x"}, a);
   check_shape(kOp, {dt, "dt"}, {batch, seqlen, heads}, "(batch, seqlen, nheads)");
@@ -99,7 +99,7 @@ SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
   check_shape(kOp, {C, "C"}, B.sizes(), "(batch, seqlen, ngroups, dstate) like B");
   check_shape(kOp, {B, "B"}, {batch, seqlen, groups, dstate}, "(batch, seqlen, ngroups, dstate)");
   for (Arg a : {Arg{B, "B"}, Arg{C, "C"}, Arg{A, "A"}}) {
-    TORCH_CHECK_TYPE(!a.tensor.is_complex(), kOp, ": complex ", a.name, " is not supported");
+    SHAMMIE_CHECK_TYPE(!a.tensor.is_complex(), kOp, ": complex ", a.name, " is not supported");
     check_floating(kOp, a);
   }
   check_shape(kOp, {A, "A"}, {heads}, "(nheads,)");
@@ -109,7 +109,7 @@ SsdArgs make_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
     check_same_dtype(kOp, {x, "x"}, {*z, "z"});
   }
   if (D) {
-    TORCH_CHECK_VALUE(D->sizes() == at::IntArrayRef{heads} || D->sizes() == at::IntArrayRef({heads, headdim}), kOp,
+    SHAMMIE_CHECK_VALUE(D->sizes() == at::IntArrayRef{heads} || D->sizes() == at::IntArrayRef({heads, headdim}), kOp,
                       ": D must have shape (", heads, ",) or (", heads, ", ", headdim, "), got ", D->sizes());
   }
   if (dt_bias) check_shape(kOp, {*dt_bias, "dt_bias"}, {heads}, "(nheads,)");
@@ -180,7 +180,7 @@ std::vector<at::Tensor> ssd_scan_backward(
   check_same_device(kOp, {x, "x"}, {checkpoints, "checkpoints"});
   check_shape(kOp, {checkpoints, "checkpoints"}, checkpoint_shape(in),
               "(batch, nheads, num_checkpoints, headdim, dstate), as the forward returned");
-  TORCH_CHECK_TYPE(checkpoints.scalar_type() == in.A.scalar_type(), kOp, ": checkpoints must be ",
+  SHAMMIE_CHECK_TYPE(checkpoints.scalar_type() == in.A.scalar_type(), kOp, ": checkpoints must be ",
                    in.A.scalar_type(), ", as the forward returned, got ", checkpoints.scalar_type());
   in.checkpoints = checkpoints.contiguous();
   check_same_device(kOp, {x, "x"}, {grad_out, "grad_out"});
@@ -194,7 +194,7 @@ std::vector<at::Tensor> ssd_scan_backward(
   }
   std::optional<at::Tensor> grad_var;
   if (grad_varlen) {
-    TORCH_CHECK_VALUE(cu_seqlens, kOp, ": grad_varlen needs the cu_seqlens of the forward");
+    SHAMMIE_CHECK_VALUE(cu_seqlens, kOp, ": grad_varlen needs the cu_seqlens of the forward");
     check_same_device(kOp, {x, "x"}, {*grad_varlen, "grad_varlen"});
     check_shape(kOp, {*grad_varlen, "grad_varlen"}, varlen_shape(in), "(num_seqs, nheads, headdim, dstate)");
     grad_var = grad_varlen->to(in.A.scalar_type()).contiguous();

@@ -13,6 +13,7 @@
 // into ddt and ddt_bias.
 #pragma once
 
+#include "common/errors.h"
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -405,9 +406,9 @@ SsdParams<scalar_t, acc_t> make_params(const SsdArgs& a, const LaunchShape& shap
 }
 
 inline unsigned num_blocks(const SsdArgs& a, const LaunchShape& shape) {
-  TORCH_CHECK(a.dstate <= kMaxDstate, "ssd_scan: dstate above ", kMaxDstate, " is not supported on CUDA");
+  SHAMMIE_CHECK(a.dstate <= kMaxDstate, "ssd_scan: dstate above ", kMaxDstate, " is not supported on CUDA");
   const int64_t blocks = a.batch * a.heads * ((a.headdim + shape.rpb - 1) / shape.rpb);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "ssd_scan: batch · heads · headdim is too large for one launch");
+  SHAMMIE_CHECK(blocks < (int64_t(1) << 31), "ssd_scan: batch · heads · headdim is too large for one launch");
   return static_cast<unsigned>(blocks);
 }
 

@@ -1,0 +1,141 @@
+// The search as tiled GEMMs plus a selection pass (the exact brute-force design of GPU k-NN
+// libraries): score blocks of at most kScoreBudgetBytes come from the BLAS (cuBLAS's tensor cores
+// on CUDA), each device folds a block into partial top-k lists per row, and a merge per row keeps
+// the k best. Memory stays bounded by the block; the (B, N) score matrix never exists. Same order,
+// ties and NaN rule as the fused kernels (frechet.h). CPU selection here; CUDA's in frechet_cuda.cu.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/errors.h"
+#include "frechet/frechet.h"
+
+namespace shammie::frechet {
+namespace {
+
+constexpr int64_t kScoreBudgetBytes = int64_t(32) << 20;
+constexpr int64_t kMinBlockCols = 1024;
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// (rows, cols) scores in the accumulation dtype: fp16/bf16 products accumulate in fp32 and stay fp32.
+at::Tensor score_block(const at::Tensor& x, const at::Tensor& w) {
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  if (x.scalar_type() == acc) return at::mm(x, w);
+  if (x.is_cuda()) return at::mm(x, w, acc);           // cuBLAS with an fp32 output
+  return at::mm(x.to(acc), w.to(acc));                  // CPU has no mixed-dtype mm
+}
+
+template <typename acc_t>
+void cpu_select_typed(const at::Tensor& scores, const at::Tensor& col_labels, int64_t row0, int64_t group,
+                      const Args& a, at::Tensor& keys, at::Tensor& labels) {
+  const int64_t rows = scores.size(0), cols = scores.size(1), k = a.k;
+  const acc_t* s = scores.const_data_ptr<acc_t>();
+  const int64_t* ids = col_labels.const_data_ptr<int64_t>();
+  acc_t* key_out = keys.mutable_data_ptr<acc_t>();
+  int64_t* label_out = labels.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t at = (group * a.batch + row0 + r) * k;
+      acc_t* best = key_out + at;
+      int64_t* lab = label_out + at;
+      std::fill(best, best + k, std::numeric_limits<acc_t>::infinity());
+      std::fill(lab, lab + k, kNoLabel);
+      for (int64_t c = 0; c < cols; ++c) {
+        const acc_t v = s[r * cols + c];
+        insert(best, lab, k, a.largest ? -v : v, ids[c]);
+      }
+    }
+  });
+}
+
+void cpu_select(const at::Tensor& scores, const at::Tensor& col_labels, int64_t row0, int64_t group0,
+                int64_t /*segments*/, const Args& a, at::Tensor& keys, at::Tensor& labels) {
+  if (scores.scalar_type() == at::kDouble) return cpu_select_typed<double>(scores, col_labels, row0, group0, a, keys, labels);
+  cpu_select_typed<float>(scores, col_labels, row0, group0, a, keys, labels);
+}
+
+template <typename acc_t>
+void cpu_finish_typed(const Args& a, at::Tensor& keys, at::Tensor& labels) {
+  const int64_t groups = keys.size(0), k = a.k;
+  acc_t* key_data = keys.mutable_data_ptr<acc_t>();
+  int64_t* label_data = labels.mutable_data_ptr<int64_t>();
+  at::Tensor values = a.values, indices = a.indices;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "frechet_gemm_finish", [&] {
+    scalar_t* out_v = values.mutable_data_ptr<scalar_t>();
+    int64_t* out_i = indices.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, a.batch, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        acc_t* best = key_data + b * k;
+        int64_t* lab = label_data + b * k;
+        for (int64_t g = 1; g < groups; ++g) merge_sorted(best, lab, k, key_data + (g * a.batch + b) * k,
+                                                          label_data + (g * a.batch + b) * k);
+        for (int64_t i = 0; i < k; ++i) {
+          const bool empty = lab[i] == kNoLabel;
+          out_v[b * k + i] = static_cast<scalar_t>(empty ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                         : (a.largest ? -best[i] : best[i]));
+          out_i[b * k + i] = empty ? -1 : lab[i];
+        }
+      }
+    });
+  });
+}
+
+void cpu_finish(const Args& a, at::Tensor& keys, at::Tensor& labels) {
+  if (keys.scalar_type() == at::kDouble) return cpu_finish_typed<double>(a, keys, labels);
+  cpu_finish_typed<float>(a, keys, labels);
+}
+
+}  // namespace
+
+const GemmSelect kCpuGemmSelect{[](int64_t) -> int64_t { return 1; }, cpu_select, cpu_finish};
+
+Impl chosen_impl(const Args& a, bool cuda) {
+  const char* env = std::getenv("SHAMMIE_FRECHET_IMPL");
+  if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
+    SHAMMIE_CHECK_VALUE(std::strcmp(env, "kernel") == 0 || std::strcmp(env, "gemm") == 0,
+                        "SHAMMIE_FRECHET_IMPL must be auto, kernel or gemm; got '", env, "'");
+    if (std::strcmp(env, "kernel") == 0) return Impl::kKernel;
+    return a.k <= kGemmMaxK ? Impl::kGemm : Impl::kKernel;   // the selection keeps at most 32 per lane
+  }
+  // CPU: the fused kernels win (benchmarks/RESULTS.md). CUDA: the GEMMs beat the fused kernel by 2.5
+  // to 13 times at every measured shape, B = 16 included (H200, benchmarks/RESULTS.md); the fused
+  // kernel keeps the tiny problems, one launch against several.
+  return cuda && a.k <= kGemmMaxK && a.batch * a.count >= (int64_t(1) << 16) ? Impl::kGemm : Impl::kKernel;
+}
+
+void topk_gemm(const Args& a, const GemmSelect& device) {
+  const at::ScalarType acc = acc_type(a.x.scalar_type());
+  const int64_t acc_bytes = acc == at::kDouble ? 8 : 4;
+  const int64_t cols = std::clamp<int64_t>(kScoreBudgetBytes / (acc_bytes * std::max<int64_t>(a.batch, 1)),
+                                           std::min(kMinBlockCols, a.count), a.count);
+  const int64_t rows = std::clamp<int64_t>(kScoreBudgetBytes / (acc_bytes * cols), 1, a.batch);
+  const int64_t col_blocks = (a.count + cols - 1) / cols;
+  const int64_t segments = device.segments(cols);
+  at::Tensor keys = at::empty({col_blocks * segments, a.batch, a.k}, a.x.options().dtype(acc));
+  at::Tensor labels = at::empty({col_blocks * segments, a.batch, a.k}, a.x.options().dtype(at::kLong));
+  for (int64_t cb = 0; cb < col_blocks; ++cb) {
+    const int64_t c0 = cb * cols, c1 = std::min(a.count, c0 + cols);
+    const at::Tensor ids = a.candidates ? a.candidates->slice(0, c0, c1)
+                                        : at::arange(c0, c1, a.x.options().dtype(at::kLong));
+    const at::Tensor w_block = a.candidates ? a.w.index_select(1, ids) : a.w.slice(1, c0, c1);
+    std::optional<at::Tensor> bias_block;
+    if (a.bias) bias_block = (a.candidates ? a.bias->index_select(0, ids) : a.bias->slice(0, c0, c1)).to(acc);
+    for (int64_t r0 = 0; r0 < a.batch; r0 += rows) {
+      at::Tensor scores = score_block(a.x.slice(0, r0, std::min(a.batch, r0 + rows)), w_block);
+      if (bias_block) scores.add_(*bias_block);
+      device.select(scores, ids, r0, cb * segments, segments, a, keys, labels);
+    }
+  }
+  device.finish(a, keys, labels);
+}
+
+}  // namespace shammie::frechet
