@@ -1,0 +1,67 @@
+"""Each implementation of the ops that have two, side by side in one run: the fused kernels and the
+GEMM implementations (SHAMMIE_MONARCH_IMPL / SHAMMIE_FRECHET_IMPL = kernel | gemm), against the peer
+of `shammie bench`, at the benchmark's shapes and at small batches where launches dominate. The
+numbers behind each op's `auto` choice (benchmarks/RESULTS.md).
+    python -m shammie.benchmarks.impl_compare [--device cuda]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import shammie
+from shammie.benchmarks import frechet, monarch
+from shammie.benchmarks.harness import median_seconds
+from shammie.reference.monarch import monarch_bmm
+
+
+def _timed(fn, inputs, device, backward):
+    if not backward:
+        with torch.no_grad():
+            return median_seconds(lambda: fn(*inputs), device, 0.2)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    grad = torch.randn_like(fn(*leaves))
+    return median_seconds(lambda: torch.autograd.grad(fn(*leaves), leaves, grad), device, 0.2)
+
+
+def _row(label, env, ours, peer, inputs, device, backward):
+    times = {}
+    for impl in ("kernel", "gemm"):
+        os.environ[env] = impl
+        times[impl] = _timed(ours, inputs, device, backward)
+    os.environ.pop(env)
+    times["peer"] = _timed(peer, inputs, device, backward)
+    best = min(times["kernel"], times["gemm"])
+    print(f"{label:58s} {times['kernel'] * 1e3:9.3f} {times['gemm'] * 1e3:9.3f} {times['peer'] * 1e3:9.3f} "
+          f"{times['peer'] / best:6.2f}x", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(parser.parse_args(argv).device)
+    cuda = device.type == "cuda"
+    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; ms per call")
+    print(f"{'case':58s} {'kernel':>9s} {'gemm':>9s} {'peer':>9s} {'best x':>7s}")
+    shapes = monarch.CUDA_SHAPES if cuda else monarch.CPU_SHAPES
+    for dtype in ([torch.bfloat16, torch.float32] if cuda else [torch.float32]):
+        for name, tokens, n, k, q, l, s, r in shapes:
+            for m in (tokens, 64):
+                case = monarch._case(name, m, n, k, q, l, s, r, dtype)
+                label = f"monarch fwd+bwd {name} M={m} {str(dtype)[6:]}"
+                _row(label, "SHAMMIE_MONARCH_IMPL", shammie.blockdiag_butterfly_multiply, monarch_bmm,
+                     case.make_inputs(device), device, backward=True)
+    peer = lambda p, d: torch.argmin(p @ d, dim=1)
+    for dtype in ([torch.float16, torch.bfloat16, torch.float32] if cuda else [torch.float32]):
+        for name, batch, K, N, k in (frechet.CUDA_SHAPES if cuda else frechet.CPU_SHAPES) + [("small", 16, 1000, 20_000, 1)]:
+            case = frechet._case(name, batch, K, N, k, dtype, cuda)
+            label = f"frechet_topk k={k} {name} B={batch} {str(dtype)[6:]} (peer: argmin(p @ d))"
+            _row(label, "SHAMMIE_FRECHET_IMPL", lambda p, d, k=k: shammie.frechet_topk(p, d, k), peer,
+                 case.make_inputs(device), device, backward=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
