@@ -57,6 +57,7 @@ def test_training_gradients_match(build, ops, device):
     """Mamba trains through mamba_inner_fn, Mamba2 through the conv and the SSD scan; transformers'
     own paths are a Python loop (Mamba) and the chunked SSD in torch (Mamba2)."""
     model, ids = build(device).train(), tokens(device)
+    skip_if_ungrouped_gated_norm(model)
 
     def grads():
         model.zero_grad()
@@ -73,6 +74,27 @@ def test_training_gradients_match(build, ops, device):
         torch.testing.assert_close(g, grads_ref[name], rtol=2e-3, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
+def cache_of(output):
+    """The model output's cache: `cache` in transformers 5.2x, `cache_params` before (5.17)."""
+    return output.cache if hasattr(output, "cache") else output.cache_params
+
+
+def cache_kwarg(model, cache):
+    """The forward argument that passes a cache, under either name."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "cache_params": cache}
+
+
+def skip_if_ungrouped_gated_norm(model):
+    """transformers before the fix (5.17 here; 5.24 has it) normalizes Mamba-2's gated RMSNorm over all
+    n_groups at once in its torch path, unlike mamba_ssm and its own CUDA path; the fused training entry
+    that shammie runs follows mamba_ssm (per group), so the two cannot agree there."""
+    if any(getattr(m, "n_groups", 1) > 1 and hasattr(getattr(m, "norm", None), "weight")
+           and not hasattr(m.norm, "group_size") for m in model.modules()):
+        pytest.skip("this transformers normalizes Mamba-2's gated RMSNorm across groups (fixed in later releases)")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_mamba2_prefill_logits_match(device):
     """No cache, a cache to fill (final states), and a second chunk on a filled cache (initial states)."""
@@ -80,11 +102,11 @@ def test_mamba2_prefill_logits_match(device):
     with torch.no_grad():
         expected = model(ids).logits
         first = model(ids[:, :20], use_cache=True)
-        expected_next = model(ids[:, 20:], cache=first.cache, use_cache=True).logits
+        expected_next = model(ids[:, 20:], **cache_kwarg(model, cache_of(first)), use_cache=True).logits
         with use_shammie_kernels():
             got, called = ops_called(lambda: model(ids).logits)
             cached = model(ids[:, :20], use_cache=True)
-            got_next = model(ids[:, 20:], cache=cached.cache, use_cache=True).logits
+            got_next = model(ids[:, 20:], **cache_kwarg(model, cache_of(cached)), use_cache=True).logits
     assert {"shammie::causal_conv1d", "shammie::ssd_scan"} <= called
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cached.logits, first.logits, rtol=1e-4, atol=1e-4)

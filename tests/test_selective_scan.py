@@ -60,9 +60,17 @@ def test_forward_and_last_state_match_reference(case, dtype, device, softplus):
         inputs["delta"].view(-1)[::7] += 25
     (ref_out, ref_state), (low_out, low_state) = references(inputs, softplus, dtype)
     out, state = shammie.selective_scan_fn(**inputs, delta_softplus=softplus, return_last_state=True)
-    assert_matches_reference(out, ref_out, low_out, "out")
+    slack = scan_order_slack(case, device)
+    assert_matches_reference(out, ref_out, low_out, "out", slack)
     math = torch.float64 if dtype == torch.float64 else torch.float32
-    assert_matches_reference(state, ref_state, low_state.to(math), "last state")
+    assert_matches_reference(state, ref_state, low_state.to(math), "last state", slack)
+
+
+def scan_order_slack(case, device):
+    """The CUDA kernel combines a long sequence's intervals and sub-chunks in a tree, where the
+    reference steps one at a time: on the H200 its float32 error at L = 300 and 600 was 4.6 to 6.9
+    times the sequential float32 reference's (relative to the output's scale, 4e-6 at most)."""
+    return 4.0 if torch.device(device).type == "cuda" and CASES[case]["L"] >= 300 else 1.0
 
 
 def gradients(fn, inputs, softplus, seed=1):
@@ -90,7 +98,7 @@ def test_gradients_match_reference(case, dtype, device):
     ref = gradients(selective_scan_reference, {k: None if v is None else v.double() for k, v in cpu.items()}, True)
     low = gradients(selective_scan_reference, cpu, True)
     for name in got:
-        assert_matches_reference(got[name], ref[name], low[name], f"grad {name}")
+        assert_matches_reference(got[name], ref[name], low[name], f"grad {name}", scan_order_slack(case, device))
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])

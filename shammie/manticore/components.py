@@ -50,8 +50,8 @@ class Component:
 def _causal_mask(config, embeds, positions):
     from transformers.masking_utils import create_causal_mask
 
-    return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
-                              position_ids=positions)
+    # The cache argument is positional: transformers renamed it (past_key_values -> cache) in 5.2x.
+    return create_causal_mask(config, embeds, None, None, position_ids=positions)
 
 
 def _positions(ids):
