@@ -42,7 +42,7 @@ SECONDS=0
 # If the plain build fails (say, the toolkit there lacks headers the nvidia wheels carry), try again
 # the way CI builds: CMake directly, with .ci/cuda_env.sh's paths, and a checkout symlink for
 # shammie.benchmarks in place of the editable install's mapping.
-timeout "$T_BUILD" python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || {
+timeout "$T_BUILD" python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || {
   echo "plain build failed after ${SECONDS}s; retrying with .ci/cuda_env.sh" | tee -a "$OUT/summary.log"
   tail -15 "$OUT/build.log" | tee -a "$OUT/summary.log"
   ( source .ci/cuda_env.sh && cmake -S . -B build-fallback -G Ninja -DPython_EXECUTABLE="$(command -v python3)" \
@@ -55,7 +55,11 @@ timeout "$T_BUILD" python3 -m pip install --no-build-isolation --no-deps -e . > 
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 }
 echo "built in ${SECONDS}s" | tee -a "$OUT/summary.log"
+# cpp_errors (in shammie info) is the first line to read: see RESULTS.md, "CUDA: NVIDIA H200". The
+# host compiler, the module's unwind-table header and any linker complaint about .eh_frame go with it.
 python3 -m shammie info | tee -a "$OUT/summary.log"
+{ c++ --version | head -1; readelf -lW shammie/_C*.so | grep -E "GNU_EH_FRAME" || echo "no GNU_EH_FRAME header";
+  grep -i "eh_frame" "$OUT/build.log" | head -5; } 2>&1 | tee -a "$OUT/summary.log"
 
 if wants probe; then
   step "C++ error probe" | tee -a "$OUT/summary.log"
