@@ -18,6 +18,8 @@ def test_info_prints_the_build():
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert {"shammie_version", "torch_version", "cuda", "cpu_kernels"} <= set(info)
+    # An argument error raised inside the extension reaches Python (a child process checks).
+    assert info["cpp_errors"] == "ok"
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path):
