@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine (an H100): build for sm_90 with all cores, run every
 # CUDA test, the CUDA benchmarks, and compute-sanitizer memcheck on small cases, in that order of
-# value. Logs and JSON go to $OUT (or ./device-check-out). Step timeouts (build 200 s, tests 170 s,
-# benchmarks 120 s, sanitizer 75 s) keep it under 10 minutes.
+# value. Logs and JSON go to $OUT (or ./device-check-out). On the H200 (2026-11-27) the steps took
+# about 70-90 s (build), 55 s (tests), 40 s (both implementations), 100 s (benchmarks), 40 s (sanitizer);
+# their limits (200, 170, 60, 150, 75 s; SHAMMIE_T_* to change) keep a slow run under 11 minutes, so
+# give the device tool's run timeout_s 600 and expect about 6.
 #   usage: bash benchmarks/device_check.sh
 # A rerun after fixes can narrow it: SHAMMIE_CHECK_STEPS="tests sanitizer" (any of probe, tests,
 # impls, bench, sanitizer), SHAMMIE_CHECK_TESTS="tests/test_monarch.py -k cuda" (pytest's
@@ -19,7 +21,7 @@ STEPS=${SHAMMIE_CHECK_STEPS:-tests impls bench sanitizer}
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 # Step time limits in seconds, each overridable (SHAMMIE_T_TESTS=120 ...) to fit what is left of a lease.
 T_BUILD=${SHAMMIE_T_BUILD:-200} T_TESTS=${SHAMMIE_T_TESTS:-170} T_IMPLS=${SHAMMIE_T_IMPLS:-60}
-T_BENCH=${SHAMMIE_T_BENCH:-120} T_SANITIZER=${SHAMMIE_T_SANITIZER:-75}
+T_BENCH=${SHAMMIE_T_BENCH:-150} T_SANITIZER=${SHAMMIE_T_SANITIZER:-75}
 
 step "environment" | tee "$OUT/summary.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/summary.log"
