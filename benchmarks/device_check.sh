@@ -33,7 +33,8 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 # WordNet's noun file for Loki's real-data tests and benchmark, where the machine lacks wordnet-base:
-# carried in .devdata/wordnet/ (a copy of /usr/share/wordnet/data.noun).
+# carried in .devdata/wordnet/ (ignored by git: `mkdir -p .devdata/wordnet && cp
+# /usr/share/wordnet/data.noun .devdata/wordnet/`, then name .devdata in the device tool's carry).
 [ -f .devdata/wordnet/data.noun ] && export WNSEARCHDIR=$PWD/.devdata/wordnet
 python3 -c "import pytest" 2>/dev/null || {
   echo "pytest is not installed here: carry its wheels (pytest, iniconfig, pluggy) in .whl/" | tee -a "$OUT/summary.log"; status=1; }
