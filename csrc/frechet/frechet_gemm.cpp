@@ -10,12 +10,9 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
-#include <vector>
 
-#include "common/errors.h"
+#include "common/impl_override.h"
 #include "frechet/frechet.h"
 
 namespace shammie::frechet {
@@ -99,12 +96,9 @@ void cpu_finish(const Args& a, at::Tensor& keys, at::Tensor& labels) {
 const GemmSelect kCpuGemmSelect{[](int64_t) -> int64_t { return 1; }, cpu_select, cpu_finish};
 
 Impl chosen_impl(const Args& a, bool cuda) {
-  const char* env = std::getenv("SHAMMIE_FRECHET_IMPL");
-  if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
-    SHAMMIE_CHECK_VALUE(std::strcmp(env, "kernel") == 0 || std::strcmp(env, "gemm") == 0,
-                        "SHAMMIE_FRECHET_IMPL must be auto, kernel or gemm; got '", env, "'");
-    if (std::strcmp(env, "kernel") == 0) return Impl::kKernel;
-    return a.k <= kGemmMaxK ? Impl::kGemm : Impl::kKernel;   // the selection keeps at most 32 per lane
+  if (const std::optional<bool> gemm = gemm_override("SHAMMIE_FRECHET_IMPL")) {
+    // The selection keeps at most kGemmMaxK per lane; larger k stays on the fused kernels.
+    return *gemm && a.k <= kGemmMaxK ? Impl::kGemm : Impl::kKernel;
   }
   // CPU: the fused kernels win (benchmarks/RESULTS.md). CUDA: the GEMMs beat the fused kernel by 2.5
   // to 13 times at every measured shape, B = 16 included (H200, benchmarks/RESULTS.md); the fused

@@ -6,10 +6,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 
-#include <cstdlib>
-#include <cstring>
-
-#include "common/errors.h"
+#include "common/impl_override.h"
 #include "monarch/monarch.h"
 
 namespace shammie::monarch {
@@ -32,12 +29,7 @@ at::Tensor shuffle(const Dims& d, const at::Tensor& u) {
 }  // namespace
 
 Impl chosen_impl(const Dims& d, bool cuda) {
-  const char* env = std::getenv("SHAMMIE_MONARCH_IMPL");
-  if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
-    SHAMMIE_CHECK_VALUE(std::strcmp(env, "kernel") == 0 || std::strcmp(env, "gemm") == 0,
-                        "SHAMMIE_MONARCH_IMPL must be auto, kernel or gemm; got '", env, "'");
-    return std::strcmp(env, "gemm") == 0 ? Impl::kGemm : Impl::kKernel;
-  }
+  if (const std::optional<bool> gemm = gemm_override("SHAMMIE_MONARCH_IMPL")) return *gemm ? Impl::kGemm : Impl::kKernel;
   // CPU: the kernels beat MKL's batched GEMMs at every measured shape (benchmarks/RESULTS.md).
   return cuda && d.tokens >= kGemmMinTokensCuda ? Impl::kGemm : Impl::kKernel;
 }
