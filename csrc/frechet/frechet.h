@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -48,6 +49,21 @@ SHAMMIE_HD void merge_sorted(T* keys, int64_t* labels, int64_t k, const T* other
   for (int64_t i = 0; i < k && other_labels[i] != kNoLabel; ++i) {
     if (!better(other_keys[i], other_labels[i], keys[k - 1], labels[k - 1])) break;
     insert(keys, labels, k, other_keys[i], other_labels[i]);
+  }
+}
+
+// Merges row b's lists of groups 1.. into group 0's (keys and labels laid out (groups, batch, k)), then
+// writes the row's k values (keys turned back into scores; NaN in an empty slot) and indices (-1 there).
+template <typename acc_t, typename scalar_t>
+SHAMMIE_HD void finish_row(int64_t b, int64_t batch, int64_t k, int64_t groups, bool largest, acc_t* keys,
+                           int64_t* labels, scalar_t* values, int64_t* indices) {
+  acc_t* best = keys + b * k;
+  int64_t* lab = labels + b * k;
+  for (int64_t g = 1; g < groups; ++g) merge_sorted(best, lab, k, keys + (g * batch + b) * k, labels + (g * batch + b) * k);
+  for (int64_t i = 0; i < k; ++i) {
+    const bool empty = lab[i] == kNoLabel;
+    values[b * k + i] = static_cast<scalar_t>(empty ? acc_t(NAN) : (largest ? -best[i] : best[i]));
+    indices[b * k + i] = empty ? -1 : lab[i];
   }
 }
 

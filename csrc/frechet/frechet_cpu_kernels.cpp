@@ -164,22 +164,8 @@ void topk_typed(const Args& a) {
   scalar_t* values = a.values.mutable_data_ptr<scalar_t>();
   int64_t* indices = a.indices.mutable_data_ptr<int64_t>();
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> best(static_cast<size_t>(k));
-    std::vector<int64_t> lab(static_cast<size_t>(k));
-    for (int64_t b = begin; b < end; ++b) {
-      std::copy_n(keys.data() + b * k, k, best.data());
-      std::copy_n(labels.data() + b * k, k, lab.data());
-      for (int64_t g = 1; g < s.groups; ++g) {
-        const size_t at_row = static_cast<size_t>((g * B + b) * k);
-        merge_sorted(best.data(), lab.data(), k, keys.data() + at_row, labels.data() + at_row);
-      }
-      for (int64_t i = 0; i < k; ++i) {
-        const bool empty = lab[i] == kNoLabel;
-        const acc_t v = empty ? std::numeric_limits<acc_t>::quiet_NaN() : (a.largest ? -best[i] : best[i]);
-        values[b * k + i] = static_cast<scalar_t>(v);
-        indices[b * k + i] = empty ? -1 : lab[i];
-      }
-    }
+    for (int64_t b = begin; b < end; ++b)
+      finish_row(b, B, k, s.groups, a.largest, keys.data(), labels.data(), values, indices);
   });
 }
 

@@ -85,16 +85,10 @@ void cuda_select(const at::Tensor& scores, const at::Tensor& col_labels, int64_t
 }
 
 void cuda_finish(const Args& a, at::Tensor& keys, at::Tensor& labels) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr int kMergeThreads = 128;
-  const auto blocks = static_cast<unsigned>((a.batch + kMergeThreads - 1) / kMergeThreads);
-  at::Tensor values = a.values, indices = a.indices;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "frechet_gemm_finish", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.values.scalar_type(), "frechet_gemm_finish", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    merge_kernel<scalar_t, acc_t><<<blocks, kMergeThreads, 0, stream>>>(
-        a.batch, a.k, keys.size(0), a.largest, keys.mutable_data_ptr<acc_t>(), labels.mutable_data_ptr<int64_t>(),
-        values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_merge<scalar_t, acc_t>(a, keys.size(0), keys.mutable_data_ptr<acc_t>(), labels.mutable_data_ptr<int64_t>(),
+                                  at::cuda::getCurrentCUDAStream());
   });
 }
 

@@ -221,19 +221,18 @@ template <typename scalar_t, typename acc_t>
 __global__ void merge_kernel(int64_t batch, int64_t k, int64_t groups, bool largest, acc_t* keys, int64_t* labels,
                              scalar_t* values, int64_t* indices) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= batch) return;
-  acc_t* best = keys + b * k;
-  int64_t* lab = labels + b * k;
-  for (int64_t g = 1; g < groups; ++g) {
-    const int64_t at = (g * batch + b) * k;
-    merge_sorted(best, lab, k, keys + at, labels + at);
-  }
-  for (int64_t i = 0; i < k; ++i) {
-    const bool empty = lab[i] == kNoLabel;
-    const acc_t v = largest ? -best[i] : best[i];
-    values[b * k + i] = static_cast<scalar_t>(empty ? acc_t(NAN) : v);
-    indices[b * k + i] = empty ? -1 : lab[i];
-  }
+  if (b < batch) finish_row(b, batch, k, groups, largest, keys, labels, values, indices);
+}
+
+// One thread per row: merge_kernel over the (groups, batch, k) lists into a.values and a.indices.
+template <typename scalar_t, typename acc_t>
+void launch_merge(const Args& a, int64_t groups, acc_t* keys, int64_t* labels, cudaStream_t stream) {
+  constexpr int kMergeThreads = 128;
+  merge_kernel<scalar_t, acc_t><<<static_cast<unsigned>((a.batch + kMergeThreads - 1) / kMergeThreads),
+                                  kMergeThreads, 0, stream>>>(
+      a.batch, a.k, groups, a.largest, keys, labels, a.values.mutable_data_ptr<scalar_t>(),
+      a.indices.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t, typename smem_t, bool kWmma>
@@ -257,12 +256,7 @@ void launch(const Args& a) {
   topk_tiles_kernel<scalar_t, acc_t, smem_t, kWmma>
       <<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(groups)), kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  constexpr int kMergeThreads = 128;
-  merge_kernel<scalar_t, acc_t><<<static_cast<unsigned>((a.batch + kMergeThreads - 1) / kMergeThreads),
-                                  kMergeThreads, 0, stream>>>(
-      a.batch, a.k, groups, a.largest, p.keys, p.labels, a.values.mutable_data_ptr<scalar_t>(),
-      a.indices.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_merge<scalar_t, acc_t>(a, groups, p.keys, p.labels, stream);
 }
 
 }  // namespace shammie::frechet::cuda

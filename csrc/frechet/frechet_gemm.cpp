@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "common/impl_override.h"
 #include "frechet/frechet.h"
@@ -60,35 +61,18 @@ void cpu_select(const at::Tensor& scores, const at::Tensor& col_labels, int64_t 
   cpu_select_typed<float>(scores, col_labels, row0, group0, a, keys, labels);
 }
 
-template <typename acc_t>
-void cpu_finish_typed(const Args& a, at::Tensor& keys, at::Tensor& labels) {
-  const int64_t groups = keys.size(0), k = a.k;
-  acc_t* key_data = keys.mutable_data_ptr<acc_t>();
-  int64_t* label_data = labels.mutable_data_ptr<int64_t>();
-  at::Tensor values = a.values, indices = a.indices;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "frechet_gemm_finish", [&] {
-    scalar_t* out_v = values.mutable_data_ptr<scalar_t>();
-    int64_t* out_i = indices.mutable_data_ptr<int64_t>();
+void cpu_finish(const Args& a, at::Tensor& keys, at::Tensor& labels) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.values.scalar_type(), "frechet_gemm_finish", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    acc_t* key_data = keys.mutable_data_ptr<acc_t>();
+    int64_t* label_data = labels.mutable_data_ptr<int64_t>();
+    scalar_t* values = a.values.mutable_data_ptr<scalar_t>();
+    int64_t* indices = a.indices.mutable_data_ptr<int64_t>();
     at::parallel_for(0, a.batch, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        acc_t* best = key_data + b * k;
-        int64_t* lab = label_data + b * k;
-        for (int64_t g = 1; g < groups; ++g) merge_sorted(best, lab, k, key_data + (g * a.batch + b) * k,
-                                                          label_data + (g * a.batch + b) * k);
-        for (int64_t i = 0; i < k; ++i) {
-          const bool empty = lab[i] == kNoLabel;
-          out_v[b * k + i] = static_cast<scalar_t>(empty ? std::numeric_limits<acc_t>::quiet_NaN()
-                                                         : (a.largest ? -best[i] : best[i]));
-          out_i[b * k + i] = empty ? -1 : lab[i];
-        }
-      }
+      for (int64_t b = begin; b < end; ++b)
+        finish_row(b, a.batch, a.k, keys.size(0), a.largest, key_data, label_data, values, indices);
     });
   });
-}
-
-void cpu_finish(const Args& a, at::Tensor& keys, at::Tensor& labels) {
-  if (keys.scalar_type() == at::kDouble) return cpu_finish_typed<double>(a, keys, labels);
-  cpu_finish_typed<float>(a, keys, labels);
 }
 
 }  // namespace
