@@ -66,7 +66,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
   const Dims d = check_inputs(x, w1, w2);
   at::Tensor y = at::empty(output_shape(x, d.out()), x.options());
   if (d.tokens == 0) return y;
-  kernel(ForwardArgs{d, as_rows(x, d.n()), w1.contiguous(), w2.contiguous(), y.view({-1, d.out()})});
+  const ForwardArgs args{d, as_rows(x, d.n()), w1.contiguous(), w2.contiguous(), y.view({-1, d.out()})};
+  (chosen_impl(d, x.is_cuda()) == Impl::kGemm ? forward_gemm : kernel)(args);
   return y;
 }
 
@@ -89,8 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
     grad_w2.zero_();
     return {grad_x, grad_w1, grad_w2};
   }
-  kernel(BackwardArgs{d, as_rows(grad_y, d.out()), as_rows(x, d.n()), w1.contiguous(),
-                      w2.contiguous(), grad_x.view({-1, d.n()}), grad_w1, grad_w2});
+  const BackwardArgs args{d, as_rows(grad_y, d.out()), as_rows(x, d.n()), w1.contiguous(),
+                          w2.contiguous(), grad_x.view({-1, d.n()}), grad_w1, grad_w2};
+  (chosen_impl(d, x.is_cuda()) == Impl::kGemm ? backward_gemm : kernel)(args);
   return {grad_x, grad_w1, grad_w2};
 }
 
@@ -99,12 +101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
 namespace {
 
 void forward_cpu_kernel(const monarch::ForwardArgs& args) {
-  if (monarch::chosen_impl(args.dims, /*cuda=*/false) == monarch::Impl::kGemm) return monarch::forward_gemm(args);
   SHAMMIE_CPU_DISPATCH(monarch_forward, args);
 }
 
 void backward_cpu_kernel(const monarch::BackwardArgs& args) {
-  if (monarch::chosen_impl(args.dims, /*cuda=*/false) == monarch::Impl::kGemm) return monarch::backward_gemm(args);
   SHAMMIE_CPU_DISPATCH(monarch_backward, args);
 }
 

@@ -65,7 +65,8 @@ void backward_gemm(const BackwardArgs& args);
 using ForwardKernel = void (*)(const ForwardArgs&);
 using BackwardKernel = void (*)(const BackwardArgs&);
 
-// The device-independent halves of the ops; each device passes its kernel.
+// The device-independent halves of the ops; each device passes its kernel, which they call unless
+// chosen_impl picks the GEMMs.
 at::Tensor forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                    ForwardKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y,

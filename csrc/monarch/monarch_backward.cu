@@ -138,7 +138,6 @@ void launch_weight_grad(const Terms& terms, const at::Tensor& partial, int64_t c
 void backward_cuda(const BackwardArgs& args) {
   const Dims d = args.dims;
   const c10::cuda::CUDAGuard guard(args.x.device());
-  if (chosen_impl(d, /*cuda=*/true) == Impl::kGemm) return backward_gemm(args);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = multiprocessors(args.x.get_device());
 

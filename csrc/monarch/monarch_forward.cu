@@ -43,7 +43,6 @@ __global__ void __launch_bounds__(kThreads)
 void forward_cuda(const ForwardArgs& args) {
   const Dims d = args.dims;
   const c10::cuda::CUDAGuard guard(args.x.device());
-  if (chosen_impl(d, /*cuda=*/true) == Impl::kGemm) return forward_gemm(args);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = multiprocessors(args.x.get_device());
   const at::Tensor w2p = args.w2.permute({2, 1, 0}).contiguous();
