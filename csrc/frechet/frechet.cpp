@@ -9,6 +9,7 @@
 #include <ATen/ops/lt.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/_unique.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -45,7 +46,7 @@ at::Tensor candidate_ids(const char* op, const at::Tensor& c, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> run(const char* op, const at::Tensor& x, const at::Tensor& w,
                                        const std::optional<at::Tensor>& bias, int64_t k,
-                                       const std::optional<at::Tensor>& candidates, bool largest, Kernel kernel) {
+                                       const std::optional<at::Tensor>& candidates, bool largest, const Device& device) {
   const char* xname = op[0] == 'f' ? "probs" : "x";
   const char* wname = op[0] == 'f' ? "sq_dists" : "w";
   check_rank(op, {x, xname}, 2, "(B, K)");
@@ -71,34 +72,38 @@ std::tuple<at::Tensor, at::Tensor> run(const char* op, const at::Tensor& x, cons
   if (bias) b = bias->contiguous();
   Args args{x.size(0), x.size(1), n, count, k, largest, x.contiguous(), w.contiguous(), b, ids,
             at::empty({x.size(0), k}, x.options()), at::empty({x.size(0), k}, x.options().dtype(at::kLong))};
-  if (args.batch > 0) kernel(args);
+  if (args.batch == 0) return {args.values, args.indices};
+  if (chosen_impl(args, x.is_cuda()) == Impl::kGemm) {
+    const c10::OptionalDeviceGuard guard(x.device());   // the GEMM path's own kernels launch on x's device
+    topk_gemm(args, device.gemm);
+  } else {
+    device.kernel(args);
+  }
   return {args.values, args.indices};
 }
 
 std::tuple<at::Tensor, at::Tensor> gemm_bias_topk(const at::Tensor& x, const at::Tensor& w,
                                                   const std::optional<at::Tensor>& bias, int64_t k,
                                                   const std::optional<at::Tensor>& candidates, bool largest,
-                                                  Kernel kernel) {
-  return run("gemm_bias_topk", x, w, bias, k, candidates, largest, kernel);
+                                                  const Device& device) {
+  return run("gemm_bias_topk", x, w, bias, k, candidates, largest, device);
 }
 
 std::tuple<at::Tensor, at::Tensor> frechet_topk(const at::Tensor& probs, const at::Tensor& sq_dists, int64_t k,
-                                                const std::optional<at::Tensor>& candidates, Kernel kernel) {
+                                                const std::optional<at::Tensor>& candidates, const Device& device) {
   constexpr const char* op = "frechet_topk";
   check_floating(op, {probs, "probs"});
   // Value-dependent (one device sync on CUDA): Fréchet weights must be non-negative numbers.
   SHAMMIE_CHECK_VALUE(!at::any(at::lt(probs, 0).logical_or_(at::isnan(probs))).item<bool>(), op,
                     ": probs must be non-negative with no NaN");
-  return run(op, probs, sq_dists, std::nullopt, k, candidates, false, kernel);
+  return run(op, probs, sq_dists, std::nullopt, k, candidates, false, device);
 }
 
 }  // namespace frechet
 
 namespace {
-void topk_cpu(const frechet::Args& a) {
-  if (frechet::chosen_impl(a, /*cuda=*/false) == frechet::Impl::kGemm) return frechet::topk_gemm(a, frechet::kCpuGemmSelect);
-  SHAMMIE_CPU_DISPATCH(frechet_gemm_bias_topk, a);
-}
+void topk_cpu(const frechet::Args& a) { SHAMMIE_CPU_DISPATCH(frechet_gemm_bias_topk, a); }
+const frechet::Device kCpu{topk_cpu, frechet::kCpuGemmSelect};
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shammie, m) {
@@ -110,11 +115,11 @@ TORCH_LIBRARY_FRAGMENT(shammie, m) {
 
 TORCH_LIBRARY_IMPL(shammie, CPU, m) {
   m.impl("frechet_topk", [](const at::Tensor& p, const at::Tensor& d, int64_t k, const std::optional<at::Tensor>& c) {
-    return frechet::frechet_topk(p, d, k, c, topk_cpu);
+    return frechet::frechet_topk(p, d, k, c, kCpu);
   });
   m.impl("gemm_bias_topk", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t k,
                               const std::optional<at::Tensor>& c, bool largest) {
-    return frechet::gemm_bias_topk(x, w, b, k, c, largest, topk_cpu);
+    return frechet::gemm_bias_topk(x, w, b, k, c, largest, kCpu);
   });
 }
 

@@ -100,11 +100,17 @@ struct GemmSelect {
 extern const GemmSelect kCpuGemmSelect;
 void topk_gemm(const Args& a, const GemmSelect& device);
 
+// What a device registers: its fused kernel and its GEMM selection; the front end picks one per call.
+struct Device {
+  Kernel kernel;
+  const GemmSelect& gemm;
+};
+
 std::tuple<at::Tensor, at::Tensor> gemm_bias_topk(const at::Tensor& x, const at::Tensor& w,
                                                   const std::optional<at::Tensor>& bias, int64_t k,
                                                   const std::optional<at::Tensor>& candidates, bool largest,
-                                                  Kernel kernel);
+                                                  const Device& device);
 std::tuple<at::Tensor, at::Tensor> frechet_topk(const at::Tensor& probs, const at::Tensor& sq_dists, int64_t k,
-                                                const std::optional<at::Tensor>& candidates, Kernel kernel);
+                                                const std::optional<at::Tensor>& candidates, const Device& device);
 
 }  // namespace shammie::frechet

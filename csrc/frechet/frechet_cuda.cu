@@ -103,23 +103,21 @@ namespace {
 using namespace shammie::frechet;
 
 void topk_cuda(const Args& a) {
-  if (chosen_impl(a, /*cuda=*/true) == Impl::kGemm) {
-    const c10::cuda::CUDAGuard guard(a.x.device());
-    return topk_gemm(a, shammie::frechet::cuda::kCudaGemmSelect);
-  }
   const auto t = a.x.scalar_type();
   if (t == at::kHalf || t == at::kBFloat16) return shammie::frechet::cuda::topk_half(a);
   shammie::frechet::cuda::topk_float(a);
 }
 
+const Device kCuda{topk_cuda, shammie::frechet::cuda::kCudaGemmSelect};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(shammie, CUDA, m) {
   m.impl("frechet_topk", [](const at::Tensor& p, const at::Tensor& d, int64_t k, const std::optional<at::Tensor>& c) {
-    return frechet_topk(p, d, k, c, topk_cuda);
+    return frechet_topk(p, d, k, c, kCuda);
   });
   m.impl("gemm_bias_topk", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t k,
                               const std::optional<at::Tensor>& c, bool largest) {
-    return gemm_bias_topk(x, w, b, k, c, largest, topk_cuda);
+    return gemm_bias_topk(x, w, b, k, c, largest, kCuda);
   });
 }
