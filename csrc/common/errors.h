@@ -1,8 +1,8 @@
 // Argument errors, thrown as c10's typed errors (ValueError, TypeError reach Python as such) built
 // from the message alone. TORCH_CHECK also captures the C++ call stack when it throws; that costs
-// time on every rejected call, adds nothing to a message that already names the op and the argument,
-// and on the H200 test machine the capture crashed the process inside libgcc's unwinder (see
-// benchmarks/RESULTS.md, 2026-11-27). Use these instead of TORCH_CHECK in shammie's code.
+// time on every rejected call and adds nothing to a message that already names the op and the
+// argument. (On the H200 test machine every exception through the module crashed, with or without
+// the capture: benchmarks/RESULTS.md.) Use these instead of TORCH_CHECK in shammie's code.
 #pragma once
 
 #include <c10/macros/Macros.h>
