@@ -56,9 +56,11 @@ def make(B, K, N, dtype, device, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-# The last two leave the GEMM implementation several column blocks, segments and row blocks.
+# k = 13 and 32 reach the GEMM selection's two longest lists (16 and 32 entries); the last two shapes
+# leave the GEMM implementation several column blocks, segments and row blocks.
 @pytest.mark.parametrize("B,K,N,k", [(1, 7, 50, 1), (37, 13, 1500, 1), (300, 17, 1300, 5), (5, 64, 40, 40),
-                                     (260, 9, 600, 2), (2100, 3, 300, 2), (4096, 3, 4100, 3), (9000, 2, 2100, 2)])
+                                     (260, 9, 600, 2), (2100, 3, 300, 2), (64, 11, 2500, 13), (33, 6, 3000, 32),
+                                     (4096, 3, 4100, 3), (9000, 2, 2100, 2)])
 def test_frechet_topk_dense(device, dtype, B, K, N, k, impl):
     if B * N > 10**7 and (impl == "kernel" or dtype in (torch.float64, torch.float16)):
         pytest.skip("the large shapes test the GEMM implementation's blocking; two dtypes suffice")
@@ -107,7 +109,7 @@ def test_ties_go_to_the_lowest_index(device, dtype):
     probs = torch.randint(0, 3, (50, 6), generator=g).float()
     sq = torch.randint(0, 3, (6, 1100), generator=g).float()
     probs, sq = probs.to(device, dtype), sq.to(device, dtype)
-    for k in (1, 5):
+    for k in (1, 5, 16, 32):
         ref_v, ref_i, _ = reference(probs, sq, k=k)
         values, indices = shammie.frechet_topk(probs, sq, k=k)
         assert (indices.cpu().numpy() == ref_i).all()

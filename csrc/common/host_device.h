@@ -7,3 +7,11 @@
 #else
 #define SHAMMIE_HD inline
 #endif
+
+// Fully unrolls a loop with a compile-time trip count in device code (so that a thread's small
+// arrays stay in registers); host compilers unroll such loops on their own.
+#if defined(__CUDACC__)
+#define SHAMMIE_UNROLL _Pragma("unroll")
+#else
+#define SHAMMIE_UNROLL
+#endif

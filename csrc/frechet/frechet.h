@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "common/host_device.h"
 
@@ -40,6 +41,37 @@ SHAMMIE_HD void insert(T* keys, int64_t* labels, int64_t k, T key, int64_t label
   }
   keys[i] = key;
   labels[i] = label;
+}
+
+// The same list with a compile-time length and only compile-time indices, for the GEMM path's
+// selection: a GPU thread's list then stays in registers, where insert's runtime-indexed shift would
+// put it in local memory. The new entry walks down the list, trading places wherever it is better.
+template <int kCap, typename T>
+SHAMMIE_HD void insert_fixed(T (&keys)[kCap], int64_t (&labels)[kCap], T key, int64_t label) {
+  if (!better(key, label, keys[kCap - 1], labels[kCap - 1])) return;
+  SHAMMIE_UNROLL
+  for (int i = 0; i < kCap; ++i) {
+    if (better(key, label, keys[i], labels[i])) {
+      const T key_i = keys[i];
+      const int64_t label_i = labels[i];
+      keys[i] = key;
+      labels[i] = label;
+      key = key_i;
+      label = label_i;
+    }
+  }
+}
+
+// Drops a fixed list's best entry: the rest move up and an empty slot comes in last.
+template <int kCap, typename T>
+SHAMMIE_HD void pop_front_fixed(T (&keys)[kCap], int64_t (&labels)[kCap]) {
+  SHAMMIE_UNROLL
+  for (int i = 0; i + 1 < kCap; ++i) {
+    keys[i] = keys[i + 1];
+    labels[i] = labels[i + 1];
+  }
+  keys[kCap - 1] = T(INFINITY);
+  labels[kCap - 1] = kNoLabel;
 }
 
 // Merges another sorted top-k list (empty slots last) into keys/labels. The other list is sorted, so
@@ -86,6 +118,19 @@ using Kernel = void (*)(const Args&);
 enum class Impl { kKernel, kGemm };
 constexpr int64_t kGemmMaxK = 32;
 Impl chosen_impl(const Args& a, bool cuda);
+
+// Calls f(std::integral_constant<int, cap>{}) with the smallest list length cap in {1, 2, 4, ..., kGemmMaxK}
+// that holds k (1 ≤ k ≤ kGemmMaxK): the selection's lists hold cap ≥ k entries and the first k are kept.
+template <typename F>
+void with_list_capacity(int64_t k, F&& f) {
+  if (k <= 1) return f(std::integral_constant<int, 1>{});
+  if (k <= 2) return f(std::integral_constant<int, 2>{});
+  if (k <= 4) return f(std::integral_constant<int, 4>{});
+  if (k <= 8) return f(std::integral_constant<int, 8>{});
+  if (k <= 16) return f(std::integral_constant<int, 16>{});
+  static_assert(kGemmMaxK == 32, "with_list_capacity's last case is kGemmMaxK");
+  return f(std::integral_constant<int, 32>{});
+}
 
 // What the GEMM implementation needs from a device.
 struct GemmSelect {

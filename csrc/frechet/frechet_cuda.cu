@@ -15,12 +15,14 @@ void topk_float(const Args& a) {
 namespace {
 
 // Selection for the GEMM implementation (frechet_gemm.cpp). One warp per (row, segment of the
-// block's columns): each lane keeps its own sorted top-k of the columns it strides over, then k
-// rounds of a warp-wide arg-best over the lanes' list heads write the segment's list in order.
+// block's columns): each lane keeps its own sorted list of kCap ≥ k entries over the columns it
+// strides over (compile-time length and indices, so the list lives in registers), then k rounds of a
+// warp-wide arg-best over the lanes' list heads write the segment's list in order; the lane whose
+// head won drops it.
 constexpr int kSelectWarps = 4;
 constexpr int64_t kColsPerSegment = 2048;
 
-template <typename acc_t>
+template <typename acc_t, int kCap>
 __global__ void __launch_bounds__(kSelectWarps * 32)
     select_kernel(const acc_t* __restrict__ scores, int64_t rows, int64_t cols,
                   const int64_t* __restrict__ col_labels, int64_t k, bool largest, int64_t segments,
@@ -29,9 +31,10 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
   const int64_t r = int64_t(blockIdx.x) * kSelectWarps + warp;
   if (r >= rows) return;   // the whole warp leaves together
   const int64_t seg = blockIdx.y;
-  acc_t lane_keys[kGemmMaxK];
-  int64_t lane_labels[kGemmMaxK];
-  for (int64_t i = 0; i < k; ++i) {
+  acc_t lane_keys[kCap];
+  int64_t lane_labels[kCap];
+  SHAMMIE_UNROLL
+  for (int i = 0; i < kCap; ++i) {
     lane_keys[i] = positive_infinity<acc_t>();
     lane_labels[i] = kNoLabel;
   }
@@ -39,15 +42,13 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
   const acc_t* row = scores + r * cols;
   for (int64_t c = c0 + lane; c < c1; c += 32) {
     const acc_t v = row[c];
-    insert(lane_keys, lane_labels, k, largest ? -v : v, col_labels[c]);
+    insert_fixed(lane_keys, lane_labels, largest ? -v : v, col_labels[c]);
   }
   const int64_t at = ((group0 + seg) * batch + row0 + r) * k;
-  int64_t head = 0;
   for (int64_t i = 0; i < k; ++i) {
-    const acc_t key = head < k ? lane_keys[head] : positive_infinity<acc_t>();
-    const int64_t label = head < k ? lane_labels[head] : kNoLabel;
-    acc_t best_key = key;
-    int64_t best_label = label;
+    const int64_t head_label = lane_labels[0];
+    acc_t best_key = lane_keys[0];
+    int64_t best_label = head_label;
     for (int offset = 16; offset > 0; offset /= 2) {
       const acc_t other_key = __shfl_xor_sync(0xffffffffu, best_key, offset);
       const int64_t other_label = __shfl_xor_sync(0xffffffffu, best_label, offset);
@@ -56,7 +57,8 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
         best_label = other_label;
       }
     }
-    if (best_label != kNoLabel && label == best_label) ++head;   // labels are unique: one lane moves on
+    // Labels are unique, so exactly one lane's head won (none when every list is empty).
+    if (best_label != kNoLabel && head_label == best_label) pop_front_fixed(lane_keys, lane_labels);
     if (lane == 0) {
       keys[at + i] = best_key;
       labels[at + i] = best_label;
@@ -76,11 +78,13 @@ void cuda_select(const at::Tensor& scores, const at::Tensor& col_labels, int64_t
   SHAMMIE_CHECK(row_blocks <= INT32_MAX, "frechet_topk: batch too large for one launch");
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(segments));
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "frechet_gemm_select", [&] {
-    select_kernel<scalar_t><<<grid, kSelectWarps * 32, 0, stream>>>(
-        scores.const_data_ptr<scalar_t>(), rows, scores.size(1), col_labels.const_data_ptr<int64_t>(), a.k,
-        a.largest, segments, a.batch, row0, group0, keys.mutable_data_ptr<scalar_t>(),
-        labels.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_list_capacity(a.k, [&](auto cap) {
+      select_kernel<scalar_t, cap()><<<grid, kSelectWarps * 32, 0, stream>>>(
+          scores.const_data_ptr<scalar_t>(), rows, scores.size(1), col_labels.const_data_ptr<int64_t>(), a.k,
+          a.largest, segments, a.batch, row0, group0, keys.mutable_data_ptr<scalar_t>(),
+          labels.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -13,6 +13,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/errors.h"
 #include "common/impl_override.h"
 #include "frechet/frechet.h"
 
@@ -32,7 +33,7 @@ at::Tensor score_block(const at::Tensor& x, const at::Tensor& w) {
   return at::mm(x.to(acc), w.to(acc));                  // CPU has no mixed-dtype mm
 }
 
-template <typename acc_t>
+template <typename acc_t, int kCap>
 void cpu_select_typed(const at::Tensor& scores, const at::Tensor& col_labels, int64_t row0, int64_t group,
                       const Args& a, at::Tensor& keys, at::Tensor& labels) {
   const int64_t rows = scores.size(0), cols = scores.size(1), k = a.k;
@@ -42,23 +43,28 @@ void cpu_select_typed(const at::Tensor& scores, const at::Tensor& col_labels, in
   int64_t* label_out = labels.mutable_data_ptr<int64_t>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t at = (group * a.batch + row0 + r) * k;
-      acc_t* best = key_out + at;
-      int64_t* lab = label_out + at;
-      std::fill(best, best + k, std::numeric_limits<acc_t>::infinity());
-      std::fill(lab, lab + k, kNoLabel);
+      acc_t best[kCap];
+      int64_t lab[kCap];
+      std::fill(best, best + kCap, std::numeric_limits<acc_t>::infinity());
+      std::fill(lab, lab + kCap, kNoLabel);
       for (int64_t c = 0; c < cols; ++c) {
         const acc_t v = s[r * cols + c];
-        insert(best, lab, k, a.largest ? -v : v, ids[c]);
+        insert_fixed(best, lab, a.largest ? -v : v, ids[c]);
       }
+      const int64_t at = (group * a.batch + row0 + r) * k;
+      std::copy(best, best + k, key_out + at);
+      std::copy(lab, lab + k, label_out + at);
     }
   });
 }
 
 void cpu_select(const at::Tensor& scores, const at::Tensor& col_labels, int64_t row0, int64_t group0,
                 int64_t /*segments*/, const Args& a, at::Tensor& keys, at::Tensor& labels) {
-  if (scores.scalar_type() == at::kDouble) return cpu_select_typed<double>(scores, col_labels, row0, group0, a, keys, labels);
-  cpu_select_typed<float>(scores, col_labels, row0, group0, a, keys, labels);
+  with_list_capacity(a.k, [&](auto cap) {
+    if (scores.scalar_type() == at::kDouble)
+      return cpu_select_typed<double, cap()>(scores, col_labels, row0, group0, a, keys, labels);
+    cpu_select_typed<float, cap()>(scores, col_labels, row0, group0, a, keys, labels);
+  });
 }
 
 void cpu_finish(const Args& a, at::Tensor& keys, at::Tensor& labels) {
@@ -91,6 +97,8 @@ Impl chosen_impl(const Args& a, bool cuda) {
 }
 
 void topk_gemm(const Args& a, const GemmSelect& device) {
+  SHAMMIE_CHECK(a.k >= 1 && a.k <= kGemmMaxK, "frechet_topk: the GEMM implementation takes 1 ≤ k ≤ ", kGemmMaxK,
+                ", got k=", a.k, " (chosen_impl keeps larger k on the fused kernels)");
   const at::ScalarType acc = acc_type(a.x.scalar_type());
   const int64_t acc_bytes = acc == at::kDouble ? 8 : 4;
   const int64_t cols = std::clamp<int64_t>(kScoreBudgetBytes / (acc_bytes * std::max<int64_t>(a.batch, 1)),
