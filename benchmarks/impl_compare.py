@@ -1,7 +1,7 @@
-"""Each implementation of the ops that have two, side by side in one run: the fused kernels and the
-GEMM implementations (SHAMMIE_MONARCH_IMPL / SHAMMIE_FRECHET_IMPL = kernel | gemm), against the peer
-of `shammie bench`, at the benchmark's shapes and at small batches where launches dominate. The
-numbers behind each op's `auto` choice (benchmarks/RESULTS.md).
+"""Each implementation of the ops that have several, side by side in one run: the fused kernels and the
+GEMM implementations (SHAMMIE_MONARCH_IMPL = kernel | gemm | dense, SHAMMIE_FRECHET_IMPL = kernel |
+gemm), against the peer of `shammie bench`, at the benchmark's shapes and at small batches where
+launches dominate. The numbers behind each op's `auto` choice (benchmarks/RESULTS.md).
     python -m shammie.benchmarks.impl_compare [--device cuda]"""
 
 from __future__ import annotations
@@ -26,16 +26,19 @@ def _timed(fn, inputs, device, backward):
     return median_seconds(lambda: torch.autograd.grad(fn(*leaves), leaves, grad), device, 0.2)
 
 
-def _row(label, env, ours, peer, inputs, device, backward):
+MONARCH_IMPLS = ("kernel", "gemm", "dense")
+FRECHET_IMPLS = ("kernel", "gemm")
+
+
+def _row(label, env, impls, ours, peer, inputs, device, backward):
     times = {}
-    for impl in ("kernel", "gemm"):
+    for impl in impls:
         os.environ[env] = impl
         times[impl] = _timed(ours, inputs, device, backward)
     os.environ.pop(env)
-    times["peer"] = _timed(peer, inputs, device, backward)
-    best = min(times["kernel"], times["gemm"])
-    print(f"{label:58s} {times['kernel'] * 1e3:9.3f} {times['gemm'] * 1e3:9.3f} {times['peer'] * 1e3:9.3f} "
-          f"{times['peer'] / best:6.2f}x", flush=True)
+    peer_time = _timed(peer, inputs, device, backward)
+    columns = " ".join(f"{times[impl] * 1e3:9.3f}" if impl in times else f"{'-':>9s}" for impl in MONARCH_IMPLS)
+    print(f"{label:58s} {columns} {peer_time * 1e3:9.3f} {peer_time / min(times.values()):6.2f}x", flush=True)
 
 
 def main(argv=None) -> int:
@@ -44,21 +47,21 @@ def main(argv=None) -> int:
     device = torch.device(parser.parse_args(argv).device)
     cuda = device.type == "cuda"
     print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; ms per call")
-    print(f"{'case':58s} {'kernel':>9s} {'gemm':>9s} {'peer':>9s} {'best x':>7s}")
+    print(f"{'case':58s} " + " ".join(f"{impl:>9s}" for impl in MONARCH_IMPLS) + f" {'peer':>9s} {'best x':>7s}")
     shapes = monarch.CUDA_SHAPES if cuda else monarch.CPU_SHAPES
     for dtype in ([torch.bfloat16, torch.float32] if cuda else [torch.float32]):
         for name, tokens, n, k, q, l, s, r in shapes:
             for m in (tokens, 64):
                 case = monarch._case(name, m, n, k, q, l, s, r, dtype)
                 label = f"monarch fwd+bwd {name} M={m} {str(dtype)[6:]}"
-                _row(label, "SHAMMIE_MONARCH_IMPL", shammie.blockdiag_butterfly_multiply, monarch_bmm,
+                _row(label, "SHAMMIE_MONARCH_IMPL", MONARCH_IMPLS, shammie.blockdiag_butterfly_multiply, monarch_bmm,
                      case.make_inputs(device), device, backward=True)
     peer = lambda p, d: torch.argmin(p @ d, dim=1)
     for dtype in ([torch.float16, torch.bfloat16, torch.float32] if cuda else [torch.float32]):
         for name, batch, K, N, k in (frechet.CUDA_SHAPES if cuda else frechet.CPU_SHAPES) + [("small", 16, 1000, 20_000, 1)]:
             case = frechet._case(name, batch, K, N, k, dtype, cuda)
             label = f"frechet_topk k={k} {name} B={batch} {str(dtype)[6:]} (peer: argmin(p @ d))"
-            _row(label, "SHAMMIE_FRECHET_IMPL", lambda p, d, k=k: shammie.frechet_topk(p, d, k), peer,
+            _row(label, "SHAMMIE_FRECHET_IMPL", FRECHET_IMPLS, lambda p, d, k=k: shammie.frechet_topk(p, d, k), peer,
                  case.make_inputs(device), device, backward=False)
     return 0
 

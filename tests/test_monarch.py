@@ -52,9 +52,10 @@ def reference_with_grads(inputs, grad, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
-@pytest.mark.parametrize("impl", ["kernel", "gemm"])
+@pytest.mark.parametrize("impl", ["kernel", "gemm", "dense"])
 def test_forward_backward_match_reference(impl, name, dtype, device, monkeypatch):
-    # Both implementations on every device: the fused kernels and the batched GEMMs (cuBLAS on CUDA).
+    # Every implementation on every device: the fused kernels, the batched GEMMs and the dense GEMMs
+    # (cuBLAS on CUDA).
     monkeypatch.setenv("SHAMMIE_MONARCH_IMPL", impl)
     check_against_reference(name, dtype, device)
 
@@ -65,7 +66,7 @@ def test_auto_implementation_on_many_tokens(device, monkeypatch):
     monkeypatch.delenv("SHAMMIE_MONARCH_IMPL", raising=False)
     check_against_reference("many-tokens", torch.float32, device)
     monkeypatch.setenv("SHAMMIE_MONARCH_IMPL", "fast")
-    with pytest.raises(ValueError, match="SHAMMIE_MONARCH_IMPL must be auto, kernel or gemm; got 'fast'"):
+    with pytest.raises(ValueError, match="SHAMMIE_MONARCH_IMPL must be one of auto, kernel, gemm, dense; got 'fast'"):
         shammie.blockdiag_butterfly_multiply(*make_inputs(SHAPES["odd"], torch.float32, device))
 
 

@@ -86,9 +86,9 @@ void cpu_finish(const Args& a, at::Tensor& keys, at::Tensor& labels) {
 const GemmSelect kCpuGemmSelect{[](int64_t) -> int64_t { return 1; }, cpu_select, cpu_finish};
 
 Impl chosen_impl(const Args& a, bool cuda) {
-  if (const std::optional<bool> gemm = gemm_override("SHAMMIE_FRECHET_IMPL")) {
+  if (const std::optional<int> forced = impl_override("SHAMMIE_FRECHET_IMPL", {"kernel", "gemm"})) {
     // The selection keeps at most kGemmMaxK per lane; larger k stays on the fused kernels.
-    return *gemm && a.k <= kGemmMaxK ? Impl::kGemm : Impl::kKernel;
+    return *forced == 1 && a.k <= kGemmMaxK ? Impl::kGemm : Impl::kKernel;
   }
   // CPU: the fused kernels win (benchmarks/RESULTS.md). CUDA: the GEMMs beat the fused kernel by 2.5
   // to 13 times at every measured shape, B = 16 included (H200, benchmarks/RESULTS.md); the fused

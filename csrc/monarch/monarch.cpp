@@ -67,7 +67,11 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
   at::Tensor y = at::empty(output_shape(x, d.out()), x.options());
   if (d.tokens == 0) return y;
   const ForwardArgs args{d, as_rows(x, d.n()), w1.contiguous(), w2.contiguous(), y.view({-1, d.out()})};
-  (chosen_impl(d, x.is_cuda()) == Impl::kGemm ? forward_gemm : kernel)(args);
+  switch (chosen_impl(d, x.is_cuda())) {
+    case Impl::kGemm: forward_gemm(args); break;
+    case Impl::kDense: forward_dense(args); break;
+    case Impl::kKernel: kernel(args); break;
+  }
   return y;
 }
 
@@ -92,7 +96,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   }
   const BackwardArgs args{d, as_rows(grad_y, d.out()), as_rows(x, d.n()), w1.contiguous(),
                           w2.contiguous(), grad_x.view({-1, d.n()}), grad_w1, grad_w2};
-  (chosen_impl(d, x.is_cuda()) == Impl::kGemm ? backward_gemm : kernel)(args);
+  switch (chosen_impl(d, x.is_cuda())) {
+    case Impl::kGemm: backward_gemm(args); break;
+    case Impl::kDense: backward_dense(args); break;
+    case Impl::kKernel: kernel(args); break;
+  }
   return {grad_x, grad_w1, grad_w2};
 }
 

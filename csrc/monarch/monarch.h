@@ -52,15 +52,19 @@ struct BackwardArgs {
   at::Tensor grad_w1, grad_w2;  // like w1, w2
 };
 
-// Two implementations: the fused kernels (monarch_cpu_kernels.cpp, monarch_forward.cu,
-// monarch_backward.cu) and two batched GEMMs with the shuffles as copies (monarch_gemm.cpp).
-// SHAMMIE_MONARCH_IMPL=kernel|gemm|auto picks one (auto: the GEMMs on CUDA from
-// kGemmMinTokensCuda tokens up, the kernels otherwise).
-enum class Impl { kKernel, kGemm };
+// Three implementations: the fused kernels (monarch_cpu_kernels.cpp, monarch_forward.cu,
+// monarch_backward.cu), two batched GEMMs with the shuffles as copies (monarch_gemm.cpp), and two
+// plain GEMMs on the factors expanded to dense, permuted matrices (monarch_dense.cpp).
+// SHAMMIE_MONARCH_IMPL=kernel|gemm|dense|auto picks one (auto: the batched GEMMs on CUDA from
+// kGemmMinTokensCuda tokens up, the kernels otherwise; dense only when asked for until a GPU
+// measures it, benchmarks/impl_compare.py).
+enum class Impl { kKernel, kGemm, kDense };   // in SHAMMIE_MONARCH_IMPL's order of names
 constexpr int64_t kGemmMinTokensCuda = 128;
 Impl chosen_impl(const Dims& d, bool cuda);
 void forward_gemm(const ForwardArgs& args);
 void backward_gemm(const BackwardArgs& args);
+void forward_dense(const ForwardArgs& args);
+void backward_dense(const BackwardArgs& args);
 
 using ForwardKernel = void (*)(const ForwardArgs&);
 using BackwardKernel = void (*)(const BackwardArgs&);

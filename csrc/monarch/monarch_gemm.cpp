@@ -29,7 +29,8 @@ at::Tensor shuffle(const Dims& d, const at::Tensor& u) {
 }  // namespace
 
 Impl chosen_impl(const Dims& d, bool cuda) {
-  if (const std::optional<bool> gemm = gemm_override("SHAMMIE_MONARCH_IMPL")) return *gemm ? Impl::kGemm : Impl::kKernel;
+  if (const std::optional<int> forced = impl_override("SHAMMIE_MONARCH_IMPL", {"kernel", "gemm", "dense"}))
+    return static_cast<Impl>(*forced);
   // CPU: the kernels beat MKL's batched GEMMs at every measured shape (benchmarks/RESULTS.md).
   return cuda && d.tokens >= kGemmMinTokensCuda ? Impl::kGemm : Impl::kKernel;
 }
