@@ -3,8 +3,9 @@
 # CUDA test, the CUDA benchmarks, and compute-sanitizer memcheck on small cases, in that order of
 # value. Logs and JSON go to $OUT (or ./device-check-out). On the H200 (2026-11-27) the steps took
 # about 70-90 s (build), 55 s (tests), 40 s (both implementations), 100 s (benchmarks), 40 s (sanitizer);
-# their limits (200, 170, 60, 150, 75 s; SHAMMIE_T_* to change) keep a slow run under 11 minutes, so
-# give the device tool's run timeout_s 600 and expect about 6.
+# their limits (200, 170, 60, 200, 75 s; SHAMMIE_T_* to change) keep a slow run under 12 minutes, so
+# give the device tool's run timeout_s 600 and expect about 6 to 7 (the benchmarks now also time
+# mamba_ssm and causal-conv1d where their wheels travel in .whl/peers/).
 #   usage: bash benchmarks/device_check.sh
 # A rerun after fixes can narrow it: SHAMMIE_CHECK_STEPS="tests sanitizer" (any of probe, tests,
 # impls, bench, sanitizer), SHAMMIE_CHECK_TESTS="tests/test_monarch.py -k cuda" (pytest's
@@ -21,7 +22,7 @@ STEPS=${SHAMMIE_CHECK_STEPS:-tests impls bench sanitizer}
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 # Step time limits in seconds, each overridable (SHAMMIE_T_TESTS=120 ...) to fit what is left of a lease.
 T_BUILD=${SHAMMIE_T_BUILD:-200} T_TESTS=${SHAMMIE_T_TESTS:-170} T_IMPLS=${SHAMMIE_T_IMPLS:-60}
-T_BENCH=${SHAMMIE_T_BENCH:-150} T_SANITIZER=${SHAMMIE_T_SANITIZER:-75}
+T_BENCH=${SHAMMIE_T_BENCH:-200} T_SANITIZER=${SHAMMIE_T_SANITIZER:-75}
 
 step "environment" | tee "$OUT/summary.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/summary.log"
@@ -31,6 +32,15 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 # pytest (with iniconfig, pluggy) where missing, mambapy for the selective-scan peer. No network there.
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+# The issue's own CUDA peers, mamba_ssm and causal-conv1d, as wheels built for sm_90 against the
+# machine's torch 2.11 + CUDA 13.0 and Python 3.12 (how: RESULTS.md, "Peer wheels"), with einops, in
+# .whl/peers/. They go on the path of the benchmarks only: with them importable, transformers' Mamba
+# switches to their kernels, and the tests compare against transformers' torch path.
+PEERS_SITE=
+if ls .whl/peers/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers-site .whl/peers/*.whl \
+    && PEERS_SITE=/tmp/peers-site
 fi
 # WordNet's noun file for Loki's real-data tests and benchmark, where the machine lacks wordnet-base:
 # carried in .devdata/wordnet/ (ignored by git: `mkdir -p .devdata/wordnet && cp
@@ -93,9 +103,12 @@ fi
 if wants bench; then
   step "CUDA benchmarks" | tee -a "$OUT/summary.log"
   python3 benchmarks/copy_bandwidth.py | tee -a "$OUT/summary.log" || status=1
+  BENCH_PATH=${PEERS_SITE:+$PEERS_SITE:}${PYTHONPATH:-}
+  PYTHONPATH=$BENCH_PATH python3 -c "import mamba_ssm, causal_conv1d; print('peers: mamba_ssm', \
+    mamba_ssm.__version__, '/ causal_conv1d', causal_conv1d.__version__)" 2>&1 | tail -1 | tee -a "$OUT/summary.log"
   # shellcheck disable=SC2086
-  timeout "$T_BENCH" python3 -m shammie bench --device cuda ${SHAMMIE_CHECK_BENCH:-} --json "$OUT/bench_cuda.json" \
-    > "$OUT/bench_cuda.log" 2>&1 || status=1
+  PYTHONPATH=$BENCH_PATH timeout "$T_BENCH" python3 -m shammie bench --device cuda ${SHAMMIE_CHECK_BENCH:-} \
+    --json "$OUT/bench_cuda.json" > "$OUT/bench_cuda.log" 2>&1 || status=1
   grep -v "^  measured" "$OUT/bench_cuda.log" | tee -a "$OUT/summary.log"
 fi
 

@@ -82,6 +82,7 @@ def _timed(fn, device, repeats):
 
 def run(device: torch.device, dtype: torch.dtype, batch: int, prompt: int, new_tokens: int, repeats: int,
         model_name: str = "mamba") -> list[dict]:
+    from shammie.benchmarks.selective_scan import mamba_ssm_ops
     from shammie.integrations.transformers import use_shammie_kernels
 
     model = MODELS[model_name][1](device, dtype)
@@ -90,7 +91,9 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, prompt: int, new_t
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     rows = []
     with torch.no_grad():
-        for label, patch in (("transformers", None), ("shammie", use_shammie_kernels)):
+        # transformers calls mamba_ssm's and causal-conv1d's kernels on CUDA where they import.
+        hf_label = "hf+mamba_ssm" if device.type == "cuda" and mamba_ssm_ops() else "transformers"
+        for label, patch in ((hf_label, None), ("shammie", use_shammie_kernels)):
             ctx = patch() if patch else None
             try:
                 model(ids[:, :8])   # warm-up

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from shammie.benchmarks.harness import Case
+from shammie.benchmarks.selective_scan import mamba_ssm_ops
 
 # (name, second model, width, layers per model, batch, length): small models, so the CPU cases stay within seconds
 SHAPES = [("GPT-2 2×128 + Mamba 2×128, vocab 2048, 2×64 tokens", "mamba", 128, 2, 2, 64),
@@ -39,6 +40,13 @@ def _hybrid(second, width, layers, device, dtype):
     return Manticore.from_models(models, n_mixtures=2, projector="linear_skip").train()
 
 
+def _peer_name(device) -> str:
+    # transformers' Mamba / Mamba2 call mamba_ssm's and causal-conv1d's kernels on CUDA where they import.
+    if torch.device(device).type == "cuda" and mamba_ssm_ops():
+        return "the same hybrid on transformers' Mamba / Mamba2 path, here with mamba_ssm's and causal-conv1d's kernels"
+    return "the same hybrid on transformers' torch fallback for Mamba / Mamba2 (no mamba_ssm)"
+
+
 def _case(name, second, width, layers, batch, length, dtype, device) -> Case:
     hybrid = _hybrid(second, width, layers, device, dtype)
 
@@ -56,7 +64,7 @@ def _case(name, second, width, layers, batch, length, dtype, device) -> Case:
     tokens = batch * length
     size = torch.empty((), dtype=dtype).element_size()
     return Case(op="manticore step", shape=name, dtype=dtype, make_inputs=make_inputs, ours=run(True), peer=run(False),
-                peer_name="the same hybrid on transformers' torch fallback for Mamba / Mamba2 (no mamba_ssm)",
+                peer_name=_peer_name(device),
                 bytes_forward=size * (params + tokens * VOCAB), bytes_backward=size * (2 * params + tokens * VOCAB),
                 flops_forward=2.0 * params * tokens, flops_backward=4.0 * params * tokens)
 

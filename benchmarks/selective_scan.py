@@ -1,7 +1,9 @@
 """selective_scan_fn on a Mamba layer against HF transformers' torch paths (its Python loop, and
 mambapy's parallel scan that `use_mambapy=True` selects); the decode step (selective_state_update)
 against the formulation of HF transformers' Mamba decode path (torch ops on the whole (batch, dim, N) state: exp, multiply-add, matmul with C;
-shammie.reference.selective_scan.selective_state_update_reference)."""
+shammie.reference.selective_scan.selective_state_update_reference). On CUDA, where mamba_ssm
+imports (its compiled selective_scan_cuda and its Triton decode kernel), both also run against
+mamba_ssm itself, the issue's real peer."""
 
 from __future__ import annotations
 
@@ -16,7 +18,18 @@ from shammie.reference.selective_scan import selective_state_update_reference
 SHAPES = [("Mamba-130M decode", 16, None, 1536, 16, 1), ("Mamba2-2.7B decode", 16, 80, 64, 128, 1)]
 
 
-def _case(name, batch, heads, dim, N, groups, dtype) -> Case:
+def mamba_ssm_ops():
+    """mamba_ssm's (selective_scan_fn, selective_state_update), or None where mamba_ssm does not import
+    (it needs its compiled CUDA extension; benchmarks/device_check.sh installs a wheel built for sm_90)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except ImportError:
+        return None
+    return selective_scan_fn, selective_state_update
+
+
+def _case(name, batch, heads, dim, N, groups, dtype, peer: str = "torch") -> Case:
     lead = (batch, heads, dim) if heads else (batch, dim)
     chan = (heads, dim) if heads else (dim,)
     bc = (batch, groups, N) if heads else (batch, N)
@@ -31,24 +44,30 @@ def _case(name, batch, heads, dim, N, groups, dtype) -> Case:
     def ours(state, x, dt, A, B, C, D, z, dt_bias):
         return shammie.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
 
-    def peer(state, x, dt, A, B, C, D, z, dt_bias):
+    def torch_peer(state, x, dt, A, B, C, D, z, dt_bias):
         out, new_state = selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
         state.copy_(new_state)
         return out
+
+    def mamba_ssm_peer(state, x, dt, A, B, C, D, z, dt_bias):
+        return mamba_ssm_ops()[1](state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
 
     size = torch.empty((), dtype=dtype).element_size()
     channels = batch * (heads or 1) * dim
     return Case(
         op="selective_state_update", shape=f"{name} B={batch} {'H=' + str(heads) + ' ' if heads else ''}D={dim} N={N}",
-        dtype=dtype, make_inputs=make_inputs, ours=ours, peer=peer,
-        peer_name="torch ops on the whole state, as HF transformers' Mamba decode path",
+        dtype=dtype, make_inputs=make_inputs, ours=ours, peer=mamba_ssm_peer if peer == "mamba_ssm" else torch_peer,
+        peer_name=("mamba_ssm's selective_state_update (Triton)" if peer == "mamba_ssm"
+                   else "torch ops on the whole state, as HF transformers' Mamba decode path"),
         bytes_forward=size * channels * (2 * N + 4), bytes_backward=0,
         flops_forward=6.0 * channels * N, flops_backward=0.0, backward=False)
 
 
 def cases(device: torch.device, dtypes=None) -> list[Case]:
     dtypes_decode = dtypes or ([torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32])
-    return scan_cases(device, dtypes) + [_case(*shape, dtype) for dtype in dtypes_decode for shape in SHAPES]
+    peers = ["torch"] + (["mamba_ssm"] if device.type == "cuda" and mamba_ssm_ops() else [])
+    return scan_cases(device, dtypes) + [_case(*shape, dtype, peer) for dtype in dtypes_decode for shape in SHAPES
+                                         for peer in peers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,20 +113,26 @@ def _scan_case(name, batch, dim, L, N, dtype, peer: str) -> Case:
     def ours(u, delta, A, B, C, D, z, delta_bias):
         return shammie.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
 
+    def mamba_ssm_scan(u, delta, A, B, C, D, z, delta_bias):
+        return mamba_ssm_ops()[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
+
     size = torch.empty((), dtype=dtype).element_size()
     activations = batch * dim * L
-    mambapy = peer == "mambapy"
+    peer_fn, peer_name = {
+        "mambapy": (lambda: _hf_scan(use_mambapy=True),
+                    "HF transformers' mamba_selective_scan with use_mambapy=True (mambapy's parallel scan)"),
+        "loop": (lambda: _hf_scan(use_mambapy=False), "HF transformers' mamba_selective_scan slow path (Python loop over L)"),
+        "mamba_ssm": (lambda: mamba_ssm_scan, "mamba_ssm's selective_scan_fn (its CUDA kernel)"),
+    }[peer]
     return Case(
         op="selective_scan_fn", shape=f"{name} B={batch} D={dim} L={L} N={N}", dtype=dtype, make_inputs=make_inputs,
-        ours=ours, peer=_hf_scan(use_mambapy=mambapy),
-        peer_name=("HF transformers' mamba_selective_scan with use_mambapy=True (mambapy's parallel scan)" if mambapy
-                   else "HF transformers' mamba_selective_scan slow path (Python loop over L)"),
+        ours=ours, peer=peer_fn(), peer_name=peer_name,
         # reads of u, delta, z, B, C and the write of out; the backward reads those and grad_out and
         # writes du, ddelta, dz, dB, dC
         bytes_forward=size * (4 * activations + 2 * batch * N * L),
         bytes_backward=size * (7 * activations + 4 * batch * N * L),
         flops_forward=9.0 * activations * N, flops_backward=20.0 * activations * N,
-        backward=mambapy)
+        backward=peer != "loop")
 
 
 def _mambapy_available() -> bool:
@@ -121,5 +146,7 @@ def scan_cases(device: torch.device, dtypes=None, shapes=None, peers=("mambapy",
     shapes = shapes or SCAN_SHAPES[device.type]
     if "mambapy" in peers and not _mambapy_available():
         print("selective_scan_fn: `pip install mambapy` for the use_mambapy=True peer; timing HF's Python loop instead")
-        peers = ["loop"]
+        peers = list(dict.fromkeys("loop" if p == "mambapy" else p for p in peers))
+    if device.type == "cuda" and mamba_ssm_ops():
+        peers = [*peers, "mamba_ssm"]
     return [_scan_case(*shape, dtype, peer) for dtype in dtypes for shape in shapes for peer in peers]
