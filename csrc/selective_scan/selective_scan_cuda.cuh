@@ -5,7 +5,10 @@
 // power of two), one per state n, holding h[n] in a register for the whole sequence. Time runs in
 // tiles of kSubChunk steps: the block stages the tile's dt and u in shared memory (each row read
 // once, coalesced along time), every thread advances its state, and y_t = Σ_n C·h is a shuffle
-// sum over the channel's lanes (plus a shared-memory sum across warps when N > 32). The forward
+// sum over the channel's lanes (plus a shared-memory sum across warps when N > 32). Variable B and
+// C are staged with the tile too, for the groups of the block's channels, so that no step waits on
+// global memory (the first GPU measurements, which read them per step, ran at 1.5% of the copy
+// bandwidth). The forward
 // writes the state at every checkpoint interval; the backward starts from those, recomputes each
 // tile's states into registers and sweeps the tile in reverse.
 #pragma once
@@ -18,6 +21,7 @@
 
 #include <algorithm>
 
+#include "common/cuda_smem.h"
 #include "selective_scan/selective_scan.h"
 #include "selective_scan/ssm_math.h"
 
@@ -32,18 +36,28 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? 
 
 struct LaunchShape {
   int lpc, cpb, threads;
+  int64_t staged_groups;   // groups of B / C a block stages per tile (its channels' groups, at most)
 };
 
-inline LaunchShape launch_shape(int64_t dstate) {
+inline LaunchShape launch_shape(int64_t dstate, int64_t dim, int64_t groups) {
   int lpc = 1;
   while (lpc < dstate) lpc *= 2;
   const int cpb = std::max(1, std::min(kMaxChannels, kBlockThreads / lpc));
-  return {lpc, cpb, lpc * cpb};
+  // cpb consecutive channels span at most ceil((cpb − 1) / per_group) + 1 groups.
+  const int64_t per_group = std::max<int64_t>(1, dim / groups);   // dim = 0 launches nothing
+  const int64_t spanned = (cpb - 1 + per_group - 1) / per_group + 1;
+  return {lpc, cpb, lpc * cpb, std::min(groups, spanned)};
+}
+
+// Dynamic shared memory of a scan kernel: the staged [group][step][state] tiles of variable B and C.
+template <typename acc_t>
+size_t staged_bytes(const LaunchShape& shape, int64_t dstate, bool B_variable, bool C_variable) {
+  return static_cast<size_t>((int(B_variable) + int(C_variable)) * shape.staged_groups * kT * dstate) * sizeof(acc_t);
 }
 
 template <typename scalar_t, typename acc_t>
 struct ScanParams {
-  int64_t batch, dim, L, N, groups, per_group, n_cp, interval;
+  int64_t batch, dim, L, N, groups, per_group, n_cp, interval, staged_groups;
   int lpc, cpb;
   bool softplus;
   const scalar_t* u;
@@ -69,9 +83,10 @@ struct ScanParams {
   acc_t* dbias;
 };
 
-// Where this thread is: channel c of the block (global d), state n, batch row b.
+// Where this thread is: channel c of the block (global d), state n, batch row b; its group g is
+// slot g − g_lo of the staged B / C tiles.
 struct Place {
-  int64_t b, d0, d, g;
+  int64_t b, d0, d, g, g_lo, slot;
   int c, n, width, warp_in_channel;
   bool channel_ok, state_ok;
 };
@@ -88,6 +103,8 @@ __device__ Place place(const P& p) {
   q.channel_ok = q.d < p.dim;
   q.state_ok = q.channel_ok && q.n < p.N;
   q.g = (q.channel_ok ? q.d : p.dim - 1) / p.per_group;
+  q.g_lo = q.d0 / p.per_group;
+  q.slot = q.g - q.g_lo;
   q.width = p.lpc < 32 ? p.lpc : 32;
   q.warp_in_channel = q.n / 32;
   return q;
@@ -107,8 +124,23 @@ struct Tile {
   acc_t u[kMaxChannels][kT + 1];
 };
 
-template <typename P, typename acc_t>
-__device__ void load_tile(const P& p, const Place& q, int64_t t0, int steps, Tile<acc_t>& tile) {
+// Variable B and C of one tile, [slot][step][state] for the groups g_lo .. g_lo + staged_groups − 1
+// (null for a constant one), in the kernel's dynamic shared memory.
+template <typename acc_t>
+struct StagedBC {
+  acc_t* b;
+  acc_t* c;
+};
+
+template <bool kBvar, bool kCvar, typename P, typename acc_t>
+__device__ StagedBC<acc_t> staged_bc(const P& p, acc_t* dynamic) {
+  const int64_t size = p.staged_groups * kT * p.N;
+  return {kBvar ? dynamic : nullptr, kCvar ? dynamic + (kBvar ? size : 0) : nullptr};
+}
+
+template <bool kBvar, bool kCvar, typename P, typename acc_t>
+__device__ void load_tile(const P& p, const Place& q, int64_t t0, int steps, Tile<acc_t>& tile,
+                          const StagedBC<acc_t>& staged) {
   for (int i = threadIdx.x; i < p.cpb * kT; i += blockDim.x) {
     const int c = i / kT, t = i % kT;
     const int64_t d = q.d0 + c;
@@ -121,11 +153,23 @@ __device__ void load_tile(const P& p, const Place& q, int64_t t0, int steps, Til
     tile.dt[c][t] = step_size(v, acc_t(0), p.softplus);
     tile.u[c][t] = u;
   }
+  if constexpr (kBvar || kCvar) {
+    // Each group's tile is contiguous in B / C ((batch, groups, L, N)): coalesced loads.
+    const int64_t per_slot = int64_t(kT) * p.N;
+    for (int64_t i = threadIdx.x; i < p.staged_groups * per_slot; i += blockDim.x) {
+      const int64_t slot = i / per_slot, t = (i % per_slot) / p.N, g = q.g_lo + slot;
+      const bool ok = g < p.groups && t < steps;
+      const int64_t at = ((q.b * p.groups + g) * p.L + t0) * p.N + i % per_slot;
+      if constexpr (kBvar) staged.b[i] = ok ? p.B[at] : acc_t(0);
+      if constexpr (kCvar) staged.c[i] = ok ? p.C[at] : acc_t(0);
+    }
+  }
 }
 
+// B or C at step t of the staged tile (variable), or the channel's constant.
 template <bool kVariable, typename P, typename acc_t>
-__device__ acc_t bc_value(const P& p, const Place& q, const acc_t* bc, acc_t constant, int64_t t) {
-  if constexpr (kVariable) return q.state_ok ? bc[((q.b * p.groups + q.g) * p.L + t) * p.N + q.n] : acc_t(0);
+__device__ acc_t bc_value(const P& p, const Place& q, const acc_t* staged, acc_t constant, int t) {
+  if constexpr (kVariable) return q.state_ok ? staged[(q.slot * kT + t) * p.N + q.n] : acc_t(0);
   else return constant;
 }
 
@@ -139,6 +183,8 @@ __device__ int64_t checkpoint_at(const P& p, const Place& q, int64_t k) {
 template <typename scalar_t, typename acc_t, bool kBvar, bool kCvar>
 __global__ void __launch_bounds__(256) scan_forward_kernel(const ScanParams<scalar_t, acc_t> p) {
   __shared__ Tile<acc_t> tile;
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  const StagedBC<acc_t> staged = staged_bc<kBvar, kCvar>(p, reinterpret_cast<acc_t*>(dynamic_smem));
   __shared__ acc_t part[kMaxChannels][kT + 1];     // per-warp sums of C·h: row w·cpb + c
   const Place q = place(p);
   const acc_t a = q.state_ok ? p.A[q.d * p.N + q.n] : acc_t(0);
@@ -149,12 +195,12 @@ __global__ void __launch_bounds__(256) scan_forward_kernel(const ScanParams<scal
   for (int64_t t0 = 0; t0 < p.L; t0 += kT) {
     const int steps = static_cast<int>(min64(kT, p.L - t0));
     __syncthreads();
-    load_tile(p, q, t0, steps, tile);
+    load_tile<kBvar, kCvar>(p, q, t0, steps, tile, staged);
     __syncthreads();
     for (int t = 0; t < steps; ++t) {
       const acc_t dt = tile.dt[q.c][t];
-      h = state_step(h, dt, a, bc_value<kBvar>(p, q, p.B, b_const, t0 + t), tile.u[q.c][t]);
-      const acc_t y = lane_sum(h * bc_value<kCvar>(p, q, p.C, c_const, t0 + t), q.width);
+      h = state_step(h, dt, a, bc_value<kBvar>(p, q, staged.b, b_const, t), tile.u[q.c][t]);
+      const acc_t y = lane_sum(h * bc_value<kCvar>(p, q, staged.c, c_const, t), q.width);
       if (q.n % q.width == 0) part[q.warp_in_channel * p.cpb + q.c][t] = y;
     }
     const int64_t t_end = t0 + steps;
@@ -193,6 +239,8 @@ __device__ void add_variable_grad(const P& p, const Place& q, acc_t* grad, int64
 template <typename scalar_t, typename acc_t, bool kBvar, bool kCvar>
 __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<scalar_t, acc_t> p) {
   __shared__ Tile<acc_t> tile;
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  const StagedBC<acc_t> staged = staged_bc<kBvar, kCvar>(p, reinterpret_cast<acc_t*>(dynamic_smem));
   __shared__ acc_t dy_s[kMaxChannels][kT + 1];
   __shared__ acc_t part_a[kMaxChannels][kT + 1];   // C·h sums, then dL/d(dt) sums
   __shared__ acc_t part_b[kMaxChannels][kT + 1];   // dL/du sums
@@ -218,17 +266,17 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
     for (int j = 0; j + 1 < subs; ++j) {   // states at each sub-chunk's start
       const int64_t t0 = t_begin + int64_t(j) * kT;
       __syncthreads();
-      load_tile(p, q, t0, kT, tile);
+      load_tile<kBvar, kCvar>(p, q, t0, kT, tile, staged);
       __syncthreads();
       for (int t = 0; t < kT; ++t)
-        h = state_step(h, tile.dt[q.c][t], a, bc_value<kBvar>(p, q, p.B, b_const, t0 + t), tile.u[q.c][t]);
+        h = state_step(h, tile.dt[q.c][t], a, bc_value<kBvar>(p, q, staged.b, b_const, t), tile.u[q.c][t]);
       sub_start[j + 1] = h;
     }
     for (int j = subs - 1; j >= 0; --j) {
       const int64_t t0 = t_begin + int64_t(j) * kT;
       const int steps = static_cast<int>(min64(kT, t_end - t0));
       __syncthreads();
-      load_tile(p, q, t0, steps, tile);
+      load_tile<kBvar, kCvar>(p, q, t0, steps, tile, staged);
       __syncthreads();
       // Recompute the tile's states (registers) and y = Σ C·h.
       acc_t hist[kT + 1];
@@ -236,8 +284,8 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
 #pragma unroll
       for (int t = 0; t < kT; ++t) {
         if (t < steps) {
-          hist[t + 1] = state_step(hist[t], tile.dt[q.c][t], a, bc_value<kBvar>(p, q, p.B, b_const, t0 + t), tile.u[q.c][t]);
-          const acc_t y = lane_sum(hist[t + 1] * bc_value<kCvar>(p, q, p.C, c_const, t0 + t), q.width);
+          hist[t + 1] = state_step(hist[t], tile.dt[q.c][t], a, bc_value<kBvar>(p, q, staged.b, b_const, t), tile.u[q.c][t]);
+          const acc_t y = lane_sum(hist[t + 1] * bc_value<kCvar>(p, q, staged.c, c_const, t), q.width);
           if (q.n % q.width == 0) part_a[q.warp_in_channel * p.cpb + q.c][t] = y;
         }
       }
@@ -266,8 +314,8 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
       for (int t = kT - 1; t >= 0; --t) {
         if (t < steps) {
           const acc_t dt = tile.dt[q.c][t], u = tile.u[q.c][t], dy = dy_s[q.c][t];
-          const acc_t bv = bc_value<kBvar>(p, q, p.B, b_const, t0 + t);
-          const acc_t g = G + bc_value<kCvar>(p, q, p.C, c_const, t0 + t) * dy;
+          const acc_t bv = bc_value<kBvar>(p, q, staged.b, b_const, t);
+          const acc_t g = G + bc_value<kCvar>(p, q, staged.c, c_const, t) * dy;
           const acc_t decay = vexp(dt * a);
           const acc_t carried = g * hist[t] * decay;
           dA += carried * dt;
@@ -329,6 +377,7 @@ ScanParams<scalar_t, acc_t> make_params(const ScanArgs& a, const LaunchShape& sh
   p.per_group = a.dim / a.groups;
   p.n_cp = a.checkpoints.size(2);
   p.interval = checkpoint_interval(a.dstate);
+  p.staged_groups = shape.staged_groups;
   p.lpc = shape.lpc;
   p.cpb = shape.cpb;
   p.softplus = a.softplus;
@@ -354,13 +403,14 @@ void scan_forward_cuda(const ScanForwardArgs& args) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const ScanArgs& a = args.in;
   const c10::cuda::CUDAGuard guard(a.u.device());
-  const LaunchShape shape = launch_shape(a.dstate);
+  const LaunchShape shape = launch_shape(a.dstate, a.dim, a.groups);
   auto p = make_params<scalar_t, acc_t>(a, shape);
   p.checkpoints = a.checkpoints.mutable_data_ptr<acc_t>();
   p.out = args.out.mutable_data_ptr<scalar_t>();
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
-    scan_forward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>
-        <<<num_blocks(a, shape), shape.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+    constexpr auto kernel = scan_forward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>;
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(shape, a.dstate, Bv, Cv), "selective_scan");
+    kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -370,7 +420,7 @@ void scan_backward_cuda(const ScanBackwardArgs& args) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const ScanArgs& a = args.in;
   const c10::cuda::CUDAGuard guard(a.u.device());
-  const LaunchShape shape = launch_shape(a.dstate);
+  const LaunchShape shape = launch_shape(a.dstate, a.dim, a.groups);
   auto p = make_params<scalar_t, acc_t>(a, shape);
   p.checkpoints = const_cast<acc_t*>(a.checkpoints.const_data_ptr<acc_t>());
   p.grad_out = args.grad_out.const_data_ptr<scalar_t>();
@@ -384,8 +434,9 @@ void scan_backward_cuda(const ScanBackwardArgs& args) {
   p.dD = args.dD.mutable_data_ptr<acc_t>();
   p.dbias = args.ddelta_bias.mutable_data_ptr<acc_t>();
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
-    scan_backward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>
-        <<<num_blocks(a, shape), shape.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+    constexpr auto kernel = scan_backward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>;
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(shape, a.dstate, Bv, Cv), "selective_scan");
+    kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -4,7 +4,9 @@
 // A block owns `rpb` rows p of one (batch b, head h); each row has `lpr` threads (N rounded up to a
 // power of two), one per state n, holding S[p, n] in a register for the whole sequence. Time runs in
 // tiles of kT steps: the block stages the tile's dt_t and decay a_t = exp(dt_t·A_h) once per (head,
-// step), and x for its rows, in shared memory; every thread advances its state, and
+// step), x for its rows, and B_t, C_t of the head's group, in shared memory (so that no step waits on
+// global memory; the first GPU measurements, which read B and C per step, took 22 ms where the
+// floors say about 1); every thread advances its state, and
 // y_t[p] = Σ_n C_t[n]·S_t[p, n] is a shuffle sum over the row's lanes (plus a shared-memory sum across
 // warps when N > 32). The forward writes the state at the start of every checkpoint interval; the
 // backward starts from those, recomputes each tile's states into registers and sweeps it in reverse.
@@ -22,6 +24,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/cuda_smem.h"
 #include "selective_scan/ssm_math.h"
 #include "ssd/ssd_scan.h"
 
@@ -127,10 +130,26 @@ __device__ int64_t varlen_at(const Par& p, const Place& q, int64_t s) {         
   return p.varlen_at(s, q.h) + q.p * p.N + q.n;
 }
 
+// B or C at step t of the staged tile ([step][state], the block's group).
 template <typename Par, typename acc_t>
-__device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* bc, int64_t t) {
-  return q.state_ok ? bc[bc_at(p, q, t)] : acc_t(0);
+__device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* staged, int t) {
+  return q.state_ok ? staged[t * p.N + q.n] : acc_t(0);
 }
+
+// The tile's B and C ([kT][N] each) in the kernel's dynamic shared memory.
+template <typename acc_t>
+struct StagedBC {
+  acc_t* b;
+  acc_t* c;
+};
+
+template <typename Par, typename acc_t>
+__device__ StagedBC<acc_t> staged_bc(const Par& p, acc_t* dynamic) {
+  return {dynamic, dynamic + kT * p.N};
+}
+
+template <typename acc_t>
+size_t staged_bytes(int64_t dstate) { return static_cast<size_t>(2 * kT * dstate) * sizeof(acc_t); }
 
 // Sum over the `width` lanes of this thread's row within its warp.
 template <typename T>
@@ -155,7 +174,7 @@ struct Tile {
 // Steps t ≥ `steps` are padding (dt = 0, x = 0); the loops stop before them.
 template <typename Par, typename acc_t>
 __device__ void load_tile(const Par& p, const Place& q, acc_t A_h, acc_t bias_h, int64_t t0, int steps,
-                          Tile<acc_t>& tile) {
+                          Tile<acc_t>& tile, const StagedBC<acc_t>& staged) {
   if (threadIdx.x < kT) {   // blocks have at least 32 threads
     const int t = threadIdx.x;
     const acc_t dt = t < steps ? ssm::step_size(acc_t(p.dt[dt_at(p, q, t0 + t)]), bias_h, p.softplus) : acc_t(0);
@@ -169,6 +188,12 @@ __device__ void load_tile(const Par& p, const Place& q, acc_t A_h, acc_t bias_h,
     const int64_t row = q.p0 + c;
     tile.x[c][t] = row < p.P && t < steps ? acc_t(p.x[x_at(p, q, t0 + t, row)]) : acc_t(0);
   }
+  for (int64_t i = threadIdx.x; i < int64_t(kT) * p.N; i += blockDim.x) {   // each step's N states are contiguous
+    const int t = static_cast<int>(i / p.N);
+    const int64_t at = p.bc_at(q.b, t0 + t, q.h) + i % p.N;
+    staged.b[i] = t < steps ? p.B[at] : acc_t(0);
+    staged.c[i] = t < steps ? p.C[at] : acc_t(0);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -176,6 +201,8 @@ __device__ void load_tile(const Par& p, const Place& q, acc_t A_h, acc_t bias_h,
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads) ssd_forward_kernel(const SsdParams<scalar_t, acc_t> p) {
   __shared__ Tile<acc_t> tile;
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  const StagedBC<acc_t> staged = staged_bc(p, reinterpret_cast<acc_t*>(dynamic_smem));
   __shared__ acc_t part[kMaxRows][kT + 1];   // per-warp sums of C·S: row w·rpb + c
   const Place q = place(p);
   const acc_t A_h = p.A[q.h], bias_h = p.dt_bias[q.h];
@@ -186,13 +213,13 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_forward_kernel(const SsdPar
     // Checkpoint k holds the state before step k·kInterval (tiles start on interval boundaries).
     if (t0 % kInterval == 0 && q.state_ok) p.checkpoints[checkpoint_at(p, q, t0 / kInterval)] = S;
     __syncthreads();   // the previous tile's readers are done
-    load_tile(p, q, A_h, bias_h, t0, steps, tile);
+    load_tile(p, q, A_h, bias_h, t0, steps, tile, staged);
     __syncthreads();
 #pragma unroll 4
     for (int t = 0; t < steps; ++t) {
-      S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, p.B, t0 + t);
+      S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, t);
       if (tile.slot[t] >= 0 && q.state_ok) p.varlen_states[varlen_at(p, q, tile.slot[t])] = S;
-      const acc_t y = lane_sum(S * bc_value(p, q, p.C, t0 + t), q.width);
+      const acc_t y = lane_sum(S * bc_value(p, q, staged.c, t), q.width);
       if (q.n % q.width == 0) part[q.warp_in_row * p.rpb + q.c][t] = y;
     }
     __syncthreads();
@@ -236,6 +263,8 @@ __device__ acc_t pick(const acc_t (&v)[kTilesPerInterval], int j) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdParams<scalar_t, acc_t> p) {
   __shared__ Tile<acc_t> tile;
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  const StagedBC<acc_t> staged = staged_bc(p, reinterpret_cast<acc_t*>(dynamic_smem));
   __shared__ acc_t dy_s[kMaxRows][kT + 1];     // dL/dy through the gate
   __shared__ acc_t part_a[kMaxRows][kT + 1];   // per-warp C·S sums (for the gate), then d(dt) sums
   __shared__ acc_t part_b[kMaxRows][kT + 1];   // per-warp dx sums
@@ -260,11 +289,11 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
       if (j + 1 < tiles) {
         const int64_t t0 = t_begin + int64_t(j) * kT;
         __syncthreads();
-        load_tile(p, q, A_h, bias_h, t0, kT, tile);
+        load_tile(p, q, A_h, bias_h, t0, kT, tile, staged);
         __syncthreads();
         acc_t S = tile_start[j];
 #pragma unroll 4
-        for (int t = 0; t < kT; ++t) S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, p.B, t0 + t);
+        for (int t = 0; t < kT; ++t) S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, t);
         tile_start[j + 1] = S;
       }
     }
@@ -272,7 +301,7 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
       const int64_t t0 = t_begin + int64_t(j) * kT;
       const int steps = static_cast<int>(min64(kT, t_end - t0));
       __syncthreads();
-      load_tile(p, q, A_h, bias_h, t0, steps, tile);
+      load_tile(p, q, A_h, bias_h, t0, steps, tile, staged);
       __syncthreads();
       // Recompute the tile's states into registers: hist[t] = S before step t0 + t; and, for the
       // gate, y's C·S part.
@@ -281,9 +310,9 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
 #pragma unroll
       for (int t = 0; t < kT; ++t) {
         if (t < steps) {
-          hist[t + 1] = tile.decay[t] * hist[t] + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, p.B, t0 + t);
+          hist[t + 1] = tile.decay[t] * hist[t] + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, t);
           if (p.z) {
-            const acc_t y = lane_sum(hist[t + 1] * bc_value(p, q, p.C, t0 + t), q.width);
+            const acc_t y = lane_sum(hist[t + 1] * bc_value(p, q, staged.c, t), q.width);
             if (q.n % q.width == 0) part_a[q.warp_in_row * p.rpb + q.c][t] = y;
           }
         }
@@ -313,8 +342,8 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
       for (int t = kT - 1; t >= 0; --t) {
         if (t < steps) {
           const acc_t dt = tile.dt[t], a = tile.decay[t], xv = tile.x[q.c][t], dy = dy_s[q.c][t];
-          const acc_t bv = bc_value(p, q, p.B, t0 + t);
-          acc_t g = G + bc_value(p, q, p.C, t0 + t) * dy;   // dL/dS_t
+          const acc_t bv = bc_value(p, q, staged.b, t);
+          acc_t g = G + bc_value(p, q, staged.c, t) * dy;   // dL/dS_t
           if (p.grad_varlen && tile.slot[t] >= 0 && q.state_ok) g += p.grad_varlen[varlen_at(p, q, tile.slot[t])];
           const acc_t carried = g * a * hist[t];                    // dL/da_t · a_t
           dA += carried * dt;
@@ -423,7 +452,9 @@ void ssd_forward_cuda(const SsdForwardArgs& args) {
   p.out = args.out.mutable_data_ptr<scalar_t>();
   p.final_state = args.final_state.mutable_data_ptr<acc_t>();
   p.varlen_states = args.varlen_states.mutable_data_ptr<acc_t>();
-  ssd_forward_kernel<scalar_t, acc_t><<<num_blocks(a, shape), shape.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  constexpr auto kernel = ssd_forward_kernel<scalar_t, acc_t>;
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(a.dstate), "ssd_scan");
+  kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -449,7 +480,9 @@ void ssd_backward_cuda(const SsdBackwardArgs& args) {
   p.dinitial_states = args.dinitial_states ? args.dinitial_states->mutable_data_ptr<acc_t>() : nullptr;
   p.ddt_sum = ddt_sum.mutable_data_ptr<acc_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  ssd_backward_kernel<scalar_t, acc_t><<<num_blocks(a, shape), shape.threads, 0, stream>>>(p);
+  constexpr auto kernel = ssd_backward_kernel<scalar_t, acc_t>;
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(a.dstate), "ssd_scan");
+  kernel<<<num_blocks(a, shape), shape.threads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int64_t rows = a.batch * a.seqlen;
