@@ -1,8 +1,9 @@
 // CUDA kernels of causal conv1d (math in causal_conv1d.h), on the current stream:
 //   forward   one thread per output (b, d, t), t fastest so loads and stores coalesce;
-//   backward  grad pre (recomputed) to fp32 scratch, then grad x by the transposed window, then
-//             one block per (channel, tap) reduces grad weight (and grad bias) over (batch, time)
-//             through shared memory: deterministic, no atomics;
+//   backward  one block per (row, chunk of time): grad pre (recomputed) in shared memory, grad x
+//             by the transposed window, and the chunk's grad weight / grad bias partial sums, which
+//             a second kernel adds per (channel, tap) in a fixed order: deterministic, no atomics
+//             (the first version sent grad pre through global memory in fp32 and read it W + 2 times);
 //   update    one thread per (b, d) row: the window over [conv_state, x], then the state shift.
 #include "common/errors.h"
 #include <ATen/Dispatch.h>
@@ -17,6 +18,7 @@
 
 #include "causal_conv1d/causal_conv1d.h"
 #include "common/cuda_capture.h"
+#include "common/cuda_smem.h"
 
 namespace shammie::conv1d::cuda {
 namespace {
@@ -61,71 +63,113 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// gp[(b·dim + d)·length + t] = grad_out · activation'(pre)
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    grad_pre_kernel(const scalar_t* __restrict__ x, Strides xs, const scalar_t* __restrict__ gy, Strides gs,
-                    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
-                    const int64_t* __restrict__ seq_idx, acc_t* __restrict__ gp, int64_t batch, int64_t dim,
-                    int64_t length, int64_t width, bool silu) {
-  const int64_t total = batch * dim * length;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i % length, row = i / length, d = row % dim, b = row / dim;
-    const acc_t pre = pre_activation<scalar_t, acc_t>(x + b * xs.batch + d * xs.dim, xs.time, weight, bias,
-                                                      seq_row(seq_idx, b, length), d, width, t);
-    gp[i] = acc_t(gy[b * gs.batch + d * gs.dim + t * gs.time]) * activation_grad(pre, silu);
-  }
+// The backward, fused per (row b·dim + d, chunk of `chunk` steps starting at t0): stage the row's
+// weights, x over [t0 − (W − 1), t0 + chunk + W − 1) and gp(t) = grad_out(t) · activation'(pre(t))
+// over [t0, t0 + chunk + W − 1) in shared memory (pre recomputed; grad x inside the chunk reads gp up
+// to W − 1 steps past it), write grad x for the chunk, and leave the chunk's partial grad weight and
+// grad bias sums in scratch ((dim, width + 1, batch · chunks)), which a second kernel adds up per
+// (channel, tap) in a fixed order. gp never leaves the chip, and the result is deterministic.
+inline int64_t chunk_length(int64_t length) {   // a multiple of 32, at most 1024 (4 steps per thread)
+  return std::clamp<int64_t>((length + 31) / 32 * 32, 32, 4 * kThreads);
 }
 
-// grad x[t] = Σ_w weight[w] · gp[t + lag(w)]  (taps past the end, or into another sequence, read nothing)
+template <typename acc_t>
+size_t backward_smem_bytes(int64_t chunk, int64_t width) {   // weights, x window, gp window
+  return static_cast<size_t>(width + (chunk + 2 * (width - 1)) + (chunk + width - 1)) * sizeof(acc_t);
+}
+
+// The sum over the block of each thread's v, in thread 0 (fixed order: deterministic).
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* warp_sums) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+  __syncthreads();
+  acc_t total = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += warp_sums[w];
+  __syncthreads();   // warp_sums is free again for the next call
+  return total;
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    grad_x_kernel(const acc_t* __restrict__ gp, const scalar_t* __restrict__ weight,
-                  const int64_t* __restrict__ seq_idx, scalar_t* __restrict__ gx, int64_t batch, int64_t dim,
-                  int64_t length, int64_t width) {
-  const int64_t total = batch * dim * length;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i % length, row = i / length, d = row % dim;
-    const int64_t* seq = seq_row(seq_idx, row / dim, length);
+    backward_chunk_kernel(const scalar_t* __restrict__ x, Strides xs, const scalar_t* __restrict__ gy, Strides gs,
+                          const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                          const int64_t* __restrict__ seq_idx, scalar_t* __restrict__ gx, acc_t* __restrict__ partial,
+                          int64_t batch, int64_t dim, int64_t length, int64_t width, int64_t chunk, int64_t chunks,
+                          bool silu) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ acc_t warp_sums[kThreads / 32];
+  const int64_t halo = width - 1;
+  acc_t* w_s = reinterpret_cast<acc_t*>(smem);   // [width]
+  acc_t* x_s = w_s + width;                      // [chunk + 2·halo]: x[t0 − halo + j]
+  acc_t* gp_s = x_s + chunk + 2 * halo;          // [chunk + halo]: gp[t0 + i], 0 past the row's end
+  const int64_t row = blockIdx.x / chunks, t0 = (blockIdx.x % chunks) * chunk;
+  const int64_t b = row / dim, d = row % dim;
+  const scalar_t* x_row = x + b * xs.batch + d * xs.dim;
+  const scalar_t* gy_row = gy + b * gs.batch + d * gs.dim;
+  const int64_t* seq = seq_row(seq_idx, b, length);
+  for (int64_t w = threadIdx.x; w < width; w += blockDim.x) w_s[w] = acc_t(weight[d * width + w]);
+  for (int64_t j = threadIdx.x; j < chunk + 2 * halo; j += blockDim.x) {
+    const int64_t t = t0 - halo + j;
+    x_s[j] = t >= 0 && t < length ? acc_t(x_row[t * xs.time]) : acc_t(0);
+  }
+  __syncthreads();
+  const acc_t bias_d = bias ? acc_t(bias[d]) : acc_t(0);
+  for (int64_t i = threadIdx.x; i < chunk + halo; i += blockDim.x) {
+    const int64_t t = t0 + i;
+    acc_t g = 0;
+    if (t < length) {
+      acc_t pre = bias_d;   // the forward's sum, in the forward's order (pre_activation)
+      for (int64_t w = 0; w < width; ++w) {
+        const int64_t src = t - lag(w, width);
+        if (src >= 0 && same_sequence(seq, src, t)) pre += w_s[w] * x_s[i + halo - lag(w, width)];
+      }
+      g = acc_t(gy_row[t * gs.time]) * activation_grad(pre, silu);
+    }
+    gp_s[i] = g;
+  }
+  __syncthreads();
+  // grad x[t] = Σ_w weight[w] · gp[t + lag(w)]: taps past the end, or into another sequence, read nothing.
+  for (int64_t i = threadIdx.x; i < chunk && t0 + i < length; i += blockDim.x) {
+    const int64_t t = t0 + i;
     acc_t acc = 0;
     for (int64_t w = 0; w < width; ++w) {
-      const int64_t src = t + lag(w, width);   // the output whose tap w reads x[t]
-      if (src < length && same_sequence(seq, t, src)) acc += acc_t(weight[d * width + w]) * gp[row * length + src];
+      const int64_t dst = t + lag(w, width);   // the output whose tap w reads x[t]
+      if (dst < length && same_sequence(seq, t, dst)) acc += w_s[w] * gp_s[i + lag(w, width)];
     }
-    gx[i] = scalar_t(acc);
+    gx[row * length + t] = scalar_t(acc);
+  }
+  // The chunk's share of grad weight[d, w] = Σ_t gp[t] · x[t − lag(w)] and (w = width) grad bias[d] = Σ_t gp[t].
+  const int64_t pieces = batch * chunks, piece = b * chunks + blockIdx.x % chunks;
+  for (int64_t w = 0; w <= width; ++w) {
+    const int64_t lag_w = w < width ? lag(w, width) : 0;
+    acc_t acc = 0;
+    for (int64_t i = threadIdx.x; i < chunk && t0 + i < length; i += blockDim.x) {
+      const int64_t t = t0 + i;
+      if (w == width) acc += gp_s[i];
+      else if (t >= lag_w && same_sequence(seq, t - lag_w, t)) acc += gp_s[i] * x_s[i + halo - lag_w];
+    }
+    acc = block_sum(acc, warp_sums);
+    if (threadIdx.x == 0) partial[(d * (width + 1) + w) * pieces + piece] = acc;
   }
 }
 
-// Block d·(width + 1) + w: grad weight[d, w] = Σ_{b,t} gp[b, d, t] · x[b, d, t − lag(w)]; block (d, width) is
-// grad bias[d] = Σ_{b,t} gp[b, d, t].
+// Block d·(width + 1) + w: grad weight[d, w] (w < width) or grad bias[d] (w = width), the sum of the
+// chunks' partials in order.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    grad_weight_kernel(const acc_t* __restrict__ gp, const scalar_t* __restrict__ x, Strides xs,
-                       const int64_t* __restrict__ seq_idx, scalar_t* __restrict__ grad_weight,
-                       scalar_t* __restrict__ grad_bias, int64_t batch, int64_t dim, int64_t length, int64_t width) {
-  __shared__ acc_t partial[kThreads];
-  const int64_t d = blockIdx.x / (width + 1), w = blockIdx.x % (width + 1);
-  const bool is_bias = w == width;
-  const int64_t lag_w = is_bias ? 0 : lag(w, width);
+    reduce_partials_kernel(const acc_t* __restrict__ partial, int64_t pieces, int64_t width,
+                           scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias) {
+  __shared__ acc_t warp_sums[kThreads / 32];
+  const int64_t entry = blockIdx.x;
   acc_t acc = 0;
-  for (int64_t i = threadIdx.x; i < batch * length; i += blockDim.x) {
-    const int64_t b = i / length, t = i % length;
-    const acc_t g = gp[(b * dim + d) * length + t];
-    if (is_bias) {
-      acc += g;
-    } else if (t >= lag_w && same_sequence(seq_row(seq_idx, b, length), t - lag_w, t)) {
-      acc += g * acc_t(x[b * xs.batch + d * xs.dim + (t - lag_w) * xs.time]);
-    }
-  }
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-    __syncthreads();
-  }
+  for (int64_t i = threadIdx.x; i < pieces; i += blockDim.x) acc += partial[entry * pieces + i];
+  acc = block_sum(acc, warp_sums);
   if (threadIdx.x == 0) {
-    if (is_bias) grad_bias[d] = scalar_t(partial[0]);
-    else grad_weight[d * width + w] = scalar_t(partial[0]);
+    const int64_t d = entry / (width + 1), w = entry % (width + 1);
+    if (w == width) grad_bias[d] = scalar_t(acc);
+    else grad_weight[d * width + w] = scalar_t(acc);
   }
 }
 
@@ -191,27 +235,25 @@ void backward_cuda(const BackwardArgs& args) {
   const ForwardArgs& a = args.forward;
   const c10::cuda::CUDAGuard guard(a.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t chunk = chunk_length(a.length), chunks = (a.length + chunk - 1) / chunk;
+  const int64_t blocks = a.batch * a.dim * chunks, entries = a.dim * (a.width + 1);
+  SHAMMIE_CHECK(blocks <= INT32_MAX && entries <= INT32_MAX, "causal_conv1d_fn: batch · dim · ceil(seqlen / ",
+                chunk, ") = ", blocks, " or dim · (width + 1) = ", entries, " is too large for one CUDA launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "causal_conv1d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t total = a.batch * a.dim * a.length;
-    at::Tensor gp = at::empty({total}, a.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    grad_pre_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+    at::Tensor partial = at::empty({entries * a.batch * chunks}, a.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    constexpr auto kernel = backward_chunk_kernel<scalar_t, acc_t>;
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(backward_smem_bytes<acc_t>(chunk, a.width),
+                                                                   "causal_conv1d_fn backward");
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
         a.x.const_data_ptr<scalar_t>(), strides_of(a.x), args.grad_out.const_data_ptr<scalar_t>(),
         strides_of(args.grad_out), a.weight.const_data_ptr<scalar_t>(), bias_ptr<scalar_t>(a.bias),
-        seq_ptr(a.seq_idx), gp.mutable_data_ptr<acc_t>(), a.batch, a.dim, a.length, a.width, a.silu);
+        seq_ptr(a.seq_idx), args.grad_x.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), a.batch,
+        a.dim, a.length, a.width, chunk, chunks, a.silu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_x_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        gp.const_data_ptr<acc_t>(), a.weight.const_data_ptr<scalar_t>(), seq_ptr(a.seq_idx),
-        args.grad_x.mutable_data_ptr<scalar_t>(), a.batch, a.dim, a.length, a.width);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // One block per weight and bias entry, on grid.x (grid.y would cap the width at 65,534).
-    const int64_t entries = a.dim * (a.width + 1);
-    SHAMMIE_CHECK(entries <= INT32_MAX, "causal_conv1d_fn: dim · (width + 1) = ", entries,
-                " is too large for one CUDA launch");
-    grad_weight_kernel<scalar_t, acc_t><<<entries, kThreads, 0, stream>>>(
-        gp.const_data_ptr<acc_t>(), a.x.const_data_ptr<scalar_t>(), strides_of(a.x), seq_ptr(a.seq_idx),
-        args.grad_weight.mutable_data_ptr<scalar_t>(), args.grad_bias.mutable_data_ptr<scalar_t>(), a.batch, a.dim,
-        a.length, a.width);
+    reduce_partials_kernel<scalar_t, acc_t><<<static_cast<unsigned>(entries), kThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), a.batch * chunks, a.width, args.grad_weight.mutable_data_ptr<scalar_t>(),
+        args.grad_bias.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
