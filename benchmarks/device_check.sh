@@ -43,8 +43,12 @@ if ls .whl/peers/*.whl > /dev/null 2>&1; then
     && PEERS_SITE=/tmp/peers-site
 fi
 # WordNet's noun file for Loki's real-data tests and benchmark, where the machine lacks wordnet-base:
-# carried in .devdata/wordnet/ (ignored by git: `mkdir -p .devdata/wordnet && cp
-# /usr/share/wordnet/data.noun .devdata/wordnet/`, then name .devdata in the device tool's carry).
+# carried in .devdata/wordnet/ (ignored by git: `mkdir -p .devdata/wordnet && xz -9c
+# /usr/share/wordnet/data.noun > .devdata/wordnet/data.noun.xz`, 15 MB down to 3, which leaves the
+# peers' wheels room in the carry's 64 MiB; then name .devdata in the device tool's carry).
+if [ -f .devdata/wordnet/data.noun.xz ] && [ ! -f .devdata/wordnet/data.noun ]; then
+  python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.devdata/wordnet/data.noun.xz'), open('.devdata/wordnet/data.noun', 'wb'))"
+fi
 [ -f .devdata/wordnet/data.noun ] && export WNSEARCHDIR=$PWD/.devdata/wordnet
 python3 -c "import pytest" 2>/dev/null || {
   echo "pytest is not installed here: carry its wheels (pytest, iniconfig, pluggy) in .whl/" | tee -a "$OUT/summary.log"; status=1; }

@@ -197,6 +197,8 @@ __global__ void __launch_bounds__(256) scan_forward_kernel(const ScanParams<scal
     __syncthreads();
     load_tile<kBvar, kCvar>(p, q, t0, steps, tile, staged);
     __syncthreads();
+    // Only h's multiply-add chains the steps; unrolling lets the exps and the lane sums overlap.
+#pragma unroll 4
     for (int t = 0; t < steps; ++t) {
       const acc_t dt = tile.dt[q.c][t];
       h = state_step(h, dt, a, bc_value<kBvar>(p, q, staged.b, b_const, t), tile.u[q.c][t]);
