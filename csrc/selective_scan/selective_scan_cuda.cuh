@@ -60,6 +60,7 @@ struct ScanParams {
   int64_t batch, dim, L, N, groups, per_group, n_cp, interval, staged_groups;
   int lpc, cpb;
   bool softplus;
+  bool grads_in_shared;   // backward: variable dB / dC summed per tile in shared memory first
   const scalar_t* u;
   const scalar_t* delta;
   const scalar_t* z;
@@ -125,17 +126,30 @@ struct Tile {
 };
 
 // Variable B and C of one tile, [slot][step][state] for the groups g_lo .. g_lo + staged_groups − 1
-// (null for a constant one), in the kernel's dynamic shared memory.
+// (null for a constant one), in the kernel's dynamic shared memory; in the backward, when
+// p.grads_in_shared, the tile's dB and dC sums follow in the same layout.
 template <typename acc_t>
 struct StagedBC {
   acc_t* b;
   acc_t* c;
+  acc_t* db;
+  acc_t* dc;
 };
 
 template <bool kBvar, bool kCvar, typename P, typename acc_t>
 __device__ StagedBC<acc_t> staged_bc(const P& p, acc_t* dynamic) {
   const int64_t size = p.staged_groups * kT * p.N;
-  return {kBvar ? dynamic : nullptr, kCvar ? dynamic + (kBvar ? size : 0) : nullptr};
+  auto take = [&](bool present) {
+    acc_t* at = present ? dynamic : nullptr;
+    if (present) dynamic += size;
+    return at;
+  };
+  StagedBC<acc_t> staged;
+  staged.b = take(kBvar);
+  staged.c = take(kCvar);
+  staged.db = take(kBvar && p.grads_in_shared);
+  staged.dc = take(kCvar && p.grads_in_shared);
+  return staged;
 }
 
 template <bool kBvar, bool kCvar, typename P, typename acc_t>
@@ -226,15 +240,34 @@ __global__ void __launch_bounds__(256) scan_forward_kernel(const ScanParams<scal
 template <typename acc_t>
 __device__ acc_t sigmoid(acc_t x) { return acc_t(1) / (acc_t(1) + vexp(-x)); }
 
-// dB or dC of one step for variable B / C: summed over the channels of a warp first when they all
-// belong to one group (one atomic per warp instead of one per channel).
+// dB or dC of step t0 + t for variable B / C: summed over the channels of a warp first when they all
+// belong to one group (one atomic per warp instead of one per channel), then into the tile's sums in
+// shared memory (`tile_sum`, flushed by flush_variable_grads) or, without them, straight into global.
 template <typename P, typename acc_t>
-__device__ void add_variable_grad(const P& p, const Place& q, acc_t* grad, int64_t t, acc_t v, bool warp_one_group) {
-  if (warp_one_group && q.width < 32) {
+__device__ void add_variable_grad(const P& p, const Place& q, acc_t* grad, acc_t* tile_sum, int64_t t0, int t,
+                                  acc_t v, bool warp_one_group) {
+  const bool one_per_warp = warp_one_group && q.width < 32;
+  if (one_per_warp)
     for (int offset = q.width; offset < 32; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    if ((threadIdx.x % 32) < q.width && q.state_ok) atomicAdd(grad + ((q.b * p.groups + q.g) * p.L + t) * p.N + q.n, v);
-  } else if (q.state_ok) {
-    atomicAdd(grad + ((q.b * p.groups + q.g) * p.L + t) * p.N + q.n, v);
+  if (!q.state_ok || (one_per_warp && (threadIdx.x % 32) >= q.width)) return;
+  if (tile_sum) atomicAdd(tile_sum + (q.slot * kT + t) * p.N + q.n, v);
+  else atomicAdd(grad + ((q.b * p.groups + q.g) * p.L + t0 + t) * p.N + q.n, v);
+}
+
+// The tile's dB / dC sums: one global atomic per (group, step, state) per block, then zeros for the
+// next tile. Between __syncthreads.
+template <typename P, typename acc_t>
+__device__ void flush_variable_grads(const P& p, const Place& q, const StagedBC<acc_t>& staged, int64_t t0, int steps) {
+  const int64_t per_slot = int64_t(kT) * p.N;
+  for (int64_t i = threadIdx.x; i < p.staged_groups * per_slot; i += blockDim.x) {
+    const int64_t slot = i / per_slot, t = (i % per_slot) / p.N, g = q.g_lo + slot;
+    const int64_t at = ((q.b * p.groups + g) * p.L + t0) * p.N + i % per_slot;
+    if (g < p.groups && t < steps) {
+      if (staged.db) atomicAdd(p.dB + at, staged.db[i]);
+      if (staged.dc) atomicAdd(p.dC + at, staged.dc[i]);
+    }
+    if (staged.db) staged.db[i] = acc_t(0);
+    if (staged.dc) staged.dc[i] = acc_t(0);
   }
 }
 
@@ -257,6 +290,10 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
   const int64_t warp_last = min64(p.dim - 1, warp_first + (p.lpc < 32 ? 32 / p.lpc : 1) - 1);
   const bool warp_one_group = warp_first / p.per_group == warp_last / p.per_group;
   if (threadIdx.x < kMaxChannels) dD_s[threadIdx.x] = dbias_s[threadIdx.x] = 0;
+  for (int64_t i = threadIdx.x; i < p.staged_groups * kT * p.N; i += blockDim.x) {   // the tile sums start at 0
+    if (staged.db) staged.db[i] = acc_t(0);
+    if (staged.dc) staged.dc[i] = acc_t(0);
+  }
   acc_t G = 0, dA = 0, dB_const = 0, dC_const = 0;
   acc_t sub_start[kMaxSubChunks];
   for (int64_t k = p.n_cp - 1; k >= 0; --k) {
@@ -327,14 +364,15 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
             part_a[q.warp_in_channel * p.cpb + q.c][t] = ddt;
             part_b[q.warp_in_channel * p.cpb + q.c][t] = du;
           }
-          if constexpr (kBvar) add_variable_grad(p, q, p.dB, t0 + t, g * dt * u, warp_one_group);
+          if constexpr (kBvar) add_variable_grad(p, q, p.dB, staged.db, t0, t, g * dt * u, warp_one_group);
           else dB_const += g * dt * u;
-          if constexpr (kCvar) add_variable_grad(p, q, p.dC, t0 + t, dy * hist[t + 1], warp_one_group);
+          if constexpr (kCvar) add_variable_grad(p, q, p.dC, staged.dc, t0, t, dy * hist[t + 1], warp_one_group);
           else dC_const += dy * hist[t + 1];
           G = decay * g;
         }
       }
       __syncthreads();
+      if (staged.db || staged.dc) flush_variable_grads(p, q, staged, t0, steps);
       for (int i = threadIdx.x; i < p.cpb * kT; i += blockDim.x) {
         const int c = i / kT, t = i % kT;
         const int64_t d = q.d0 + c;
@@ -437,7 +475,12 @@ void scan_backward_cuda(const ScanBackwardArgs& args) {
   p.dbias = args.ddelta_bias.mutable_data_ptr<acc_t>();
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
     constexpr auto kernel = scan_backward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>;
-    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(shape, a.dstate, Bv, Cv), "selective_scan");
+    // Summing dB / dC per tile in shared memory first saves global atomics only when a block holds
+    // several channels (N ≤ 64: 4× fewer at N = 16); it doubles the staged bytes, so it is used only
+    // where they fit.
+    const size_t staged = staged_bytes<acc_t>(shape, a.dstate, Bv, Cv);
+    p.grads_in_shared = shape.cpb >= 2 && 2 * staged <= shammie::cuda::dynamic_smem_limit<kernel>();
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.grads_in_shared ? 2 * staged : staged, "selective_scan");
     kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
