@@ -10,8 +10,9 @@ from shammie.reference.causal_conv1d import (causal_conv1d_packed_reference, cau
                                              causal_conv1d_update_reference)
 from conftest import DEVICES, DTYPES, assert_matches_reference, compile_fullgraph
 
-# (batch, dim, seqlen, width)
-SHAPES = [(2, 5, 1, 4), (2, 5, 7, 1), (1, 3, 129, 2), (3, 8, 151, 3), (2, 16, 372, 4), (1, 4, 33, 5), (0, 4, 9, 4)]
+# (batch, dim, seqlen, width); 1,100 steps span two of the CUDA backward's chunks (1,024 steps each).
+SHAPES = [(2, 5, 1, 4), (2, 5, 7, 1), (1, 3, 129, 2), (3, 8, 151, 3), (2, 16, 372, 4), (1, 4, 33, 5), (0, 4, 9, 4),
+          (1, 3, 1100, 4)]
 LAYOUTS = ["contiguous", "channel-last", "sliced"]
 
 
@@ -261,11 +262,11 @@ def test_chunking_arguments_bad_input():
         shammie.causal_conv1d_fn(x, w, b, "silu")
 
 
-# Packed sequences: row 0 holds runs of 1, 2 (shorter than the window), 9 and 28 steps; row 1 one run
-# (ids need not start at 0); row 2 a run per step.
+# Packed sequences: row 0 holds runs of 1, 2 (shorter than the window), 9 and seqlen − 12 steps; row 1
+# one run (ids need not start at 0); row 2 a run per step (at seqlen 40; runs of seqlen // 40 steps above).
 def packed_seq_idx(seqlen=40):
     rows = [torch.repeat_interleave(torch.arange(4), torch.tensor([1, 2, 9, seqlen - 12])),
-            torch.full((seqlen,), 7), torch.arange(seqlen)]
+            torch.full((seqlen,), 7), torch.arange(seqlen) // max(1, seqlen // 40)]
     return torch.stack(rows).to(torch.int32)
 
 
@@ -273,9 +274,10 @@ def packed_seq_idx(seqlen=40):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("with_initial", [False, True])
-def test_packed_sequences_match_separate_runs(dtype, device, activation, with_initial):
-    x, w, b = make((3, 5, 40, 4), dtype, device, layout="channel-last")
-    seq_idx = packed_seq_idx().to(device)
+@pytest.mark.parametrize("seqlen", [40, 1100])   # 1,100: runs across the CUDA backward's chunk boundary
+def test_packed_sequences_match_separate_runs(dtype, device, activation, with_initial, seqlen):
+    x, w, b = make((3, 5, seqlen, 4), dtype, device, layout="channel-last")
+    seq_idx = packed_seq_idx(seqlen).to(device)
     initial = (torch.randn(3, 5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
                .to(device, dtype) if with_initial else None)
     leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b, initial)]
