@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine (an H100): build for sm_90 with all cores, run every
-# CUDA test, the CUDA benchmarks, and compute-sanitizer memcheck on small cases, in that order of
-# value. Logs and JSON go to $OUT (or ./device-check-out). On the H200 (2026-11-27) the steps took
-# about 70-90 s (build), 55 s (tests), 40 s (both implementations), 100 s (benchmarks), 40 s (sanitizer);
-# their limits (200, 170, 60, 200, 75 s; SHAMMIE_T_* to change) keep a slow run under 12 minutes, so
-# give the device tool's run timeout_s 600 and expect about 6 to 7 (the benchmarks now also time
-# mamba_ssm and causal-conv1d where their wheels travel in .whl/peers/).
+# CUDA test, the CUDA benchmarks, and compute-sanitizer memcheck and racecheck on small cases, in that
+# order of value. Logs and JSON go to $OUT (or ./device-check-out). On the H200 (2026-11-27) the steps
+# took about 70-90 s (build), 55 s (tests), 40 s (both implementations; three for Monarch now),
+# 100 s (benchmarks), 40 s (sanitizer); their limits (200, 170, 90, 200, 75, 60 s; SHAMMIE_T_* to
+# change) are generous, so give the device tool's run timeout_s 600 and expect about 7 minutes (the
+# benchmarks now also time mamba_ssm and causal-conv1d where their wheels travel in .whl/peers/).
 #   usage: bash benchmarks/device_check.sh
 # A rerun after fixes can narrow it: SHAMMIE_CHECK_STEPS="tests sanitizer" (any of probe, tests,
-# impls, bench, sanitizer), SHAMMIE_CHECK_TESTS="tests/test_monarch.py -k cuda" (pytest's
+# impls, bench, sanitizer, racecheck), SHAMMIE_CHECK_TESTS="tests/test_monarch.py -k cuda" (pytest's
 # arguments), SHAMMIE_CHECK_BENCH="--ops monarch frechet" (shammie bench's), SHAMMIE_CHECK_SANITIZE=
-# "monarch frechet" (benchmarks/sanitizer_cases.py's families).
+# "monarch frechet" and SHAMMIE_CHECK_RACECHECK="ssd" (benchmarks/sanitizer_cases.py's families).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-check-out}
@@ -18,11 +18,11 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 step() { echo "== $1"; }
-STEPS=${SHAMMIE_CHECK_STEPS:-tests impls bench sanitizer}
+STEPS=${SHAMMIE_CHECK_STEPS:-tests impls bench sanitizer racecheck}
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 # Step time limits in seconds, each overridable (SHAMMIE_T_TESTS=120 ...) to fit what is left of a lease.
-T_BUILD=${SHAMMIE_T_BUILD:-200} T_TESTS=${SHAMMIE_T_TESTS:-170} T_IMPLS=${SHAMMIE_T_IMPLS:-60}
-T_BENCH=${SHAMMIE_T_BENCH:-200} T_SANITIZER=${SHAMMIE_T_SANITIZER:-75}
+T_BUILD=${SHAMMIE_T_BUILD:-200} T_TESTS=${SHAMMIE_T_TESTS:-170} T_IMPLS=${SHAMMIE_T_IMPLS:-90}
+T_BENCH=${SHAMMIE_T_BENCH:-200} T_SANITIZER=${SHAMMIE_T_SANITIZER:-75} T_RACECHECK=${SHAMMIE_T_RACECHECK:-60}
 
 step "environment" | tee "$OUT/summary.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/summary.log"
@@ -127,6 +127,24 @@ if wants sanitizer; then
       python3 benchmarks/sanitizer_cases.py ${SHAMMIE_CHECK_SANITIZE:-} > "$OUT/memcheck.log" 2>&1 || status=1
     grep -E "ERROR SUMMARY|Invalid|at 0x|by thread" "$OUT/memcheck.log" | head -20 | tee -a "$OUT/summary.log"
     tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.log"
+  else
+    echo "compute-sanitizer not found" | tee -a "$OUT/summary.log"; status=1
+  fi
+fi
+
+# Shared-memory races in the kernels that stage tiles (scan, SSD scan, conv1d backward), on their small
+# cases: a missing barrier need not show in a test's numbers.
+if wants racecheck; then
+  step "compute-sanitizer racecheck, kernels with shared-memory tiles" | tee -a "$OUT/summary.log"
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+  if [ -n "$SANITIZER" ]; then
+    ONLY_OURS=$("$SANITIZER" --help 2>/dev/null | grep -q -- "--kernel-name " && echo "--kernel-name kns=shammie")
+    # shellcheck disable=SC2086
+    timeout "$T_RACECHECK" "$SANITIZER" --tool racecheck $ONLY_OURS --print-limit 20 --error-exitcode 3 \
+      python3 benchmarks/sanitizer_cases.py ${SHAMMIE_CHECK_RACECHECK:-conv1d selective_scan ssd} > "$OUT/racecheck.log" 2>&1 \
+      || status=1
+    grep -E "RACECHECK SUMMARY|ERROR SUMMARY|hazard|Race" "$OUT/racecheck.log" | head -20 | tee -a "$OUT/summary.log"
+    tail -3 "$OUT/racecheck.log" | tee -a "$OUT/summary.log"
   else
     echo "compute-sanitizer not found" | tee -a "$OUT/summary.log"; status=1
   fi

@@ -37,7 +37,7 @@ for impl in IMPLS if wants("monarch") else ():   # both implementations (fused k
             shammie.blockdiag_butterfly_multiply(x, w1, w2).sum().backward()
 if wants("conv1d"):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for batch, dim, seqlen, width in ((2, 5, 1, 4), (1, 3, 129, 2), (2, 7, 37, 5)):
+        for batch, dim, seqlen, width in ((2, 5, 1, 4), (1, 3, 129, 2), (2, 7, 37, 5), (1, 2, 1100, 4)):   # 2 chunks
             x = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
             w = torch.randn(dim, width, device="cuda", dtype=dtype, requires_grad=True)
             b = torch.randn(dim, device="cuda", dtype=dtype, requires_grad=True)
