@@ -8,9 +8,9 @@
 // sum over the channel's lanes (plus a shared-memory sum across warps when N > 32). Variable B and
 // C are staged with the tile too, for the groups of the block's channels, so that no step waits on
 // global memory (the first GPU measurements, which read them per step, ran at 1.5% of the copy
-// bandwidth). The forward
-// writes the state at every checkpoint interval; the backward starts from those, recomputes each
-// tile's states into registers and sweeps the tile in reverse.
+// bandwidth). The forward writes the state at every checkpoint interval; the backward starts from
+// those, recomputes each tile's states into registers and sweeps the tile in reverse, summing
+// variable dB / dC over the block's channels in shared memory before its global atomics.
 #pragma once
 
 #include "common/errors.h"
