@@ -271,3 +271,26 @@ def test_ranking_search_matches_dense(dtype):
         torch.testing.assert_close(own, vd, rtol=tol, atol=tol)
         if cand is not None:
             assert bool(cand[i].all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("identity", ["additive", "inner", "model"])
+@pytest.mark.parametrize("space", SPACES)
+def test_cuda_label_matrix_gives_the_cpu_model(space, identity):
+    # The label matrix on the GPU: fit, predict (the metric's search on CUDA) and predict_proba agree
+    # with the CPU run.
+    make, theta = SPACES[space]
+    metric, theta = make(), torch.tensor(theta)
+    L, _ = sample_lfs(metric, theta, 2000, abstain=0.1, generator=torch.Generator().manual_seed(5))
+    cpu = MetricLabelModel(metric, identity=identity).fit(L)
+    gpu = MetricLabelModel(metric, identity=identity).fit(L.cuda())
+    torch.testing.assert_close(gpu.accuracies().cpu(), cpu.accuracies(), rtol=1e-4, atol=1e-6)
+    ids_cpu, vals_cpu = cpu.predict(L, k=2, return_values=True)
+    ids_gpu, vals_gpu = gpu.predict(L.cuda(), k=2, return_values=True)
+    torch.testing.assert_close(vals_gpu.cpu(), vals_cpu, rtol=1e-4, atol=1e-4, equal_nan=True)
+    # Labels may differ only where two candidates score within rounding of each other.
+    differ = ids_gpu.cpu() != ids_cpu
+    assert differ.float().mean() < 0.01, differ.float().mean()
+    cand = torch.arange(0, sq_block(metric).shape[0] if isinstance(metric, RankingMetric) else metric.shape[0], 2)
+    torch.testing.assert_close(gpu.predict_proba(L[:50].cuda(), candidates=cand.cuda()).cpu(),
+                               cpu.predict_proba(L[:50], candidates=cand), rtol=1e-4, atol=1e-6)
