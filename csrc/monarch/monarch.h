@@ -54,7 +54,7 @@ struct BackwardArgs {
 
 // Three implementations: the fused kernels (monarch_cpu_kernels.cpp, monarch_forward.cu,
 // monarch_backward.cu), two batched GEMMs with the shuffles as copies (monarch_gemm.cpp), and two
-// plain GEMMs on the factors expanded to dense, permuted matrices (monarch_dense.cpp).
+// plain GEMMs on the factors expanded to dense matrices, the shuffle inside the second (monarch_dense.cpp).
 // SHAMMIE_MONARCH_IMPL=kernel|gemm|dense|auto picks one (auto: the batched GEMMs on CUDA from
 // kGemmMinTokensCuda tokens up, the kernels otherwise; dense only when asked for until a GPU
 // measures it, benchmarks/impl_compare.py).
