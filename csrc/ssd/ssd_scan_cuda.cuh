@@ -57,6 +57,7 @@ template <typename scalar_t, typename acc_t>
 struct SsdParams : Layout, SsdInputs<scalar_t, acc_t> {   // Layout: L, H, P, G, N, heads_per_group, n_cp
   int lpr, rpb;
   bool softplus;
+  bool grads_in_shared;     // backward: dB / dC summed per tile over the block's rows in shared memory first
   acc_t* checkpoints;       // written by the forward, read by the backward
   // forward only
   scalar_t* out;
@@ -136,16 +137,21 @@ __device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* staged, int
   return q.state_ok ? staged[t * p.N + q.n] : acc_t(0);
 }
 
-// The tile's B and C ([kT][N] each) in the kernel's dynamic shared memory.
+// The tile's B and C ([kT][N] each) in the kernel's dynamic shared memory; in the backward, when
+// p.grads_in_shared, the tile's dB and dC sums after them (else null).
 template <typename acc_t>
 struct StagedBC {
   acc_t* b;
   acc_t* c;
+  acc_t* db;
+  acc_t* dc;
 };
 
 template <typename Par, typename acc_t>
 __device__ StagedBC<acc_t> staged_bc(const Par& p, acc_t* dynamic) {
-  return {dynamic, dynamic + kT * p.N};
+  const int64_t size = kT * p.N;
+  return {dynamic, dynamic + size, p.grads_in_shared ? dynamic + 2 * size : nullptr,
+          p.grads_in_shared ? dynamic + 3 * size : nullptr};
 }
 
 template <typename acc_t>
@@ -238,13 +244,32 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_forward_kernel(const SsdPar
 
 // ---------------------------------------------------------------------------------------------
 
-// dB or dC of one step. All rows of a block share (b, g), so when N < 32 the rows within a warp are
-// summed by shuffles first: one atomic per (warp, state) instead of one per (row, state).
+// dB or dC of step t0 + t. All rows of a block share (b, g), so when N < 32 the rows within a warp are
+// summed by shuffles first: one atomic per (warp, state) instead of one per (row, state); then into the
+// tile's sums in shared memory (`tile_sum`, flushed by flush_bc_grads) or, without them, into global.
 template <typename Par, typename acc_t>
-__device__ void add_bc_grad(const Par& p, const Place& q, acc_t* grad, int64_t t, acc_t v) {
+__device__ void add_bc_grad(const Par& p, const Place& q, acc_t* grad, acc_t* tile_sum, int64_t t0, int t, acc_t v) {
   for (int offset = q.width; offset < 32; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   // Lanes below `width` hold the warp's first row, whose row_ok implies that of any valid row.
-  if (static_cast<int>(threadIdx.x % 32) < q.width && q.state_ok) atomicAdd(grad + bc_at(p, q, t), v);
+  if (static_cast<int>(threadIdx.x % 32) >= q.width || !q.state_ok) return;
+  if (tile_sum) atomicAdd(tile_sum + t * p.N + q.n, v);
+  else atomicAdd(grad + bc_at(p, q, t0 + t), v);
+}
+
+// The tile's dB / dC sums: one global atomic per (step, state) per block, then zeros for the next
+// tile. Between __syncthreads.
+template <typename Par, typename acc_t>
+__device__ void flush_bc_grads(const Par& p, const Place& q, const StagedBC<acc_t>& staged, int64_t t0, int steps) {
+  for (int64_t i = threadIdx.x; i < int64_t(kT) * p.N; i += blockDim.x) {
+    const int t = static_cast<int>(i / p.N);
+    if (t < steps) {
+      const int64_t at = p.bc_at(q.b, t0 + t, q.h) + i % p.N;
+      atomicAdd(p.dB + at, staged.db[i]);
+      atomicAdd(p.dC + at, staged.dc[i]);
+    }
+    staged.db[i] = acc_t(0);
+    staged.dc[i] = acc_t(0);
+  }
 }
 
 // v[j] with j known only at run time, without sending v to local memory.
@@ -275,6 +300,8 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
   const int warps_per_row = (p.lpr + 31) / 32;
   const int part_rows = warps_per_row * p.rpb;
   if (threadIdx.x < kMaxRows) dD_s[threadIdx.x] = 0;
+  for (int64_t i = threadIdx.x; staged.db && i < int64_t(kT) * p.N; i += blockDim.x)   // the tile sums start at 0
+    staged.db[i] = staged.dc[i] = acc_t(0);
   acc_t G = p.grad_final && q.state_ok ? p.grad_final[state_at(p, q)] : acc_t(0);
   acc_t dA = 0;
   for (int64_t k = p.n_cp - 1; k >= 0; --k) {
@@ -353,12 +380,13 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
             part_a[q.warp_in_row * p.rpb + q.c][t] = ddt;
             part_b[q.warp_in_row * p.rpb + q.c][t] = dx;
           }
-          add_bc_grad(p, q, p.dB, t0 + t, g * dt * xv);
-          add_bc_grad(p, q, p.dC, t0 + t, dy * hist[t + 1]);
+          add_bc_grad(p, q, p.dB, staged.db, t0, t, g * dt * xv);
+          add_bc_grad(p, q, p.dC, staged.dc, t0, t, dy * hist[t + 1]);
           G = a * g;
         }
       }
       __syncthreads();
+      if (staged.db) flush_bc_grads(p, q, staged, t0, steps);
       // d(dt_t): the block's rows summed here, the other row blocks of the head by the atomic.
       if (static_cast<int>(threadIdx.x) < steps) {
         acc_t s = 0;
@@ -481,7 +509,11 @@ void ssd_backward_cuda(const SsdBackwardArgs& args) {
   p.ddt_sum = ddt_sum.mutable_data_ptr<acc_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr auto kernel = ssd_backward_kernel<scalar_t, acc_t>;
-  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(a.dstate), "ssd_scan");
+  // Summing dB / dC over the block's rows in shared memory first saves global atomics where the block
+  // spans several warps (2× at N = 128, 8× at N = 16); it doubles the staged bytes, so only where they fit.
+  const size_t staged = staged_bytes<acc_t>(a.dstate);
+  p.grads_in_shared = shape.threads > 32 && 2 * staged <= shammie::cuda::dynamic_smem_limit<kernel>();
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.grads_in_shared ? 2 * staged : staged, "ssd_scan");
   kernel<<<num_blocks(a, shape), shape.threads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
