@@ -140,7 +140,7 @@ if wants racecheck; then
   if [ -n "$SANITIZER" ]; then
     ONLY_OURS=$("$SANITIZER" --help 2>/dev/null | grep -q -- "--kernel-name " && echo "--kernel-name kns=shammie")
     # shellcheck disable=SC2086
-    timeout "$T_RACECHECK" "$SANITIZER" --tool racecheck $ONLY_OURS --print-limit 20 --error-exitcode 3 \
+    SHAMMIE_SANITIZE_DTYPES=float32 timeout "$T_RACECHECK" "$SANITIZER" --tool racecheck $ONLY_OURS --print-limit 20 --error-exitcode 3 \
       python3 benchmarks/sanitizer_cases.py ${SHAMMIE_CHECK_RACECHECK:-conv1d selective_scan ssd} > "$OUT/racecheck.log" 2>&1 \
       || status=1
     grep -E "RACECHECK SUMMARY|ERROR SUMMARY|hazard|Race" "$OUT/racecheck.log" | head -20 | tee -a "$OUT/summary.log"

@@ -14,6 +14,13 @@ import shammie
 # Op families to run (monarch, conv1d, state_update, selective_scan, ssd, frechet, tree): all by default.
 ONLY = set(sys.argv[1:])
 IMPLS = ("kernel", "gemm")
+# SHAMMIE_SANITIZE_DTYPES="float32" narrows every family to those dtypes (racecheck, which is slow,
+# needs one: the shared-memory schedule does not depend on the dtype).
+DTYPE_NAMES = os.environ.get("SHAMMIE_SANITIZE_DTYPES", "").split()
+
+
+def dtypes(*candidates):
+    return [d for d in candidates if not DTYPE_NAMES or str(d).removeprefix("torch.") in DTYPE_NAMES]
 
 
 def wants(family):
@@ -29,14 +36,14 @@ cases = [
 ]
 for impl in IMPLS if wants("monarch") else ():   # both implementations (fused kernels, GEMMs)
     os.environ["SHAMMIE_MONARCH_IMPL"] = impl
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for dtype in dtypes(torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for tokens, k, q, p, l, s, r in cases:
             x = torch.randn(tokens, k * p, device="cuda", dtype=dtype, requires_grad=True)
             w1 = torch.randn(k, q, p, device="cuda", dtype=dtype, requires_grad=True)
             w2 = torch.randn(l, s, r, device="cuda", dtype=dtype, requires_grad=True)
             shammie.blockdiag_butterfly_multiply(x, w1, w2).sum().backward()
 if wants("conv1d"):
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in dtypes(torch.float32, torch.bfloat16, torch.float64):
         for batch, dim, seqlen, width in ((2, 5, 1, 4), (1, 3, 129, 2), (2, 7, 37, 5), (1, 2, 1100, 4)):   # 2 chunks
             x = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
             w = torch.randn(dim, width, device="cuda", dtype=dtype, requires_grad=True)
@@ -54,7 +61,7 @@ if wants("conv1d"):
             shammie.causal_conv1d_update(x[:, :, :3].detach(), cache, w.detach(), b.detach(), "silu",
                                          cache_seqlens=torch.arange(batch, device="cuda") * 5, conv_state_indices=rows)
 if wants("state_update"):
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in dtypes(torch.float32, torch.bfloat16, torch.float64):
         for lead, chan, bc, N in (((3, 7), (7,), (3, 16), 16), ((2, 4, 5), (4, 5), (2, 2, 64), 64)):
             state = torch.randn(*lead, N, device="cuda", dtype=dtype)
             x, dt, z = (torch.randn(*lead, device="cuda", dtype=dtype) for _ in range(3))
@@ -67,7 +74,7 @@ if wants("state_update"):
             rows[-1] = -1
             shammie.selective_state_update(cache, x, dt, A, B, C, z=z, dt_softplus=True, state_batch_indices=rows)
 if wants("selective_scan"):
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in dtypes(torch.float32, torch.bfloat16, torch.float64):
         # (batch, dim, L, N, B/C form): odd dims, tails of tiles and intervals, N > 32 across warps, groups
         for batch, dim, L, N, form in ((2, 7, 37, 16, "variable"), (1, 3, 70, 1, "constant"), (1, 5, 130, 64, "grouped"),
                                        (1, 2, 40, 256, "variable"), (2, 20, 33, 4, "grouped")):
@@ -81,7 +88,7 @@ if wants("selective_scan"):
             out, last = shammie.selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
             (out.float().sum() + last.sum()).backward()
 if wants("ssd"):
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in dtypes(torch.float32, torch.bfloat16, torch.float64):
         # Mamba-2 scan (batch, L, heads, headdim, groups, N): tails of tiles and of the 128-step intervals,
         # N > 32 across warps, N = 256, one row per head; with z, D per row, an initial state, final-state grads
         for batch, L, H, P, G, N in ((2, 37, 4, 3, 2, 16), (1, 130, 2, 5, 1, 64), (1, 40, 2, 2, 2, 256), (2, 9, 3, 1, 3, 4)):
@@ -104,7 +111,7 @@ if wants("ssd"):
         (out.float().sum() + varlen.sum()).backward()
 for impl in IMPLS if wants("frechet") else ():   # both implementations (fused kernels, GEMMs)
     os.environ["SHAMMIE_FRECHET_IMPL"] = impl
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for dtype in dtypes(torch.float32, torch.bfloat16, torch.float16, torch.float64):
         # (B, K, N, k): partial row and label tiles, K not a multiple of the K step, many label groups, k > 1
         for batch, K, N, k in ((1, 7, 50, 1), (70, 33, 900, 3), (129, 64, 4097, 5), (3, 1, 40, 2)):
             probs = torch.rand(batch, K, device="cuda", dtype=dtype)
@@ -121,7 +128,7 @@ if wants("tree"):
         gen = torch.Generator().manual_seed(0)
         parent = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, 300)]
         metric = TreeMetric(parent, torch.rand(300, generator=gen).numpy() + 0.1)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for dtype in dtypes(torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for batch, K, k in ((1, 1, 1), (130, 7, 5), (37, 40, 1)):
                 observed = torch.randperm(300, generator=gen)[:K]
                 metric.frechet_topk(torch.rand(batch, K, device="cuda").to(dtype) + 0.01, observed, k)
