@@ -23,6 +23,7 @@
 
 #include "common/cuda_smem.h"
 #include "selective_scan/selective_scan.h"
+#include "selective_scan/staged_bc.cuh"
 #include "selective_scan/ssm_math.h"
 
 namespace shammie::ssm::cuda {
@@ -49,11 +50,8 @@ inline LaunchShape launch_shape(int64_t dstate, int64_t dim, int64_t groups) {
   return {lpc, cpb, lpc * cpb, std::min(groups, spanned)};
 }
 
-// Dynamic shared memory of a scan kernel: the staged [group][step][state] tiles of variable B and C.
-template <typename acc_t>
-size_t staged_bytes(const LaunchShape& shape, int64_t dstate, bool B_variable, bool C_variable) {
-  return static_cast<size_t>((int(B_variable) + int(C_variable)) * shape.staged_groups * kT * dstate) * sizeof(acc_t);
-}
+// Elements in one staged array of a tile: [group slot][step][state].
+inline int64_t staged_size(const LaunchShape& shape, int64_t dstate) { return shape.staged_groups * kT * dstate; }
 
 template <typename scalar_t, typename acc_t>
 struct ScanParams {
@@ -125,31 +123,12 @@ struct Tile {
   acc_t u[kMaxChannels][kT + 1];
 };
 
-// Variable B and C of one tile, [slot][step][state] for the groups g_lo .. g_lo + staged_groups − 1
-// (null for a constant one), in the kernel's dynamic shared memory; in the backward, when
-// p.grads_in_shared, the tile's dB and dC sums follow in the same layout.
-template <typename acc_t>
-struct StagedBC {
-  acc_t* b;
-  acc_t* c;
-  acc_t* db;
-  acc_t* dc;
-};
-
+// Variable B and C of one tile (StagedBC, [slot][step][state] for the groups g_lo .. g_lo +
+// staged_groups − 1), in the kernel's dynamic shared memory; in the backward, when p.grads_in_shared,
+// the tile's dB and dC sums follow in the same layout.
 template <bool kBvar, bool kCvar, typename P, typename acc_t>
 __device__ StagedBC<acc_t> staged_bc(const P& p, acc_t* dynamic) {
-  const int64_t size = p.staged_groups * kT * p.N;
-  auto take = [&](bool present) {
-    acc_t* at = present ? dynamic : nullptr;
-    if (present) dynamic += size;
-    return at;
-  };
-  StagedBC<acc_t> staged;
-  staged.b = take(kBvar);
-  staged.c = take(kCvar);
-  staged.db = take(kBvar && p.grads_in_shared);
-  staged.dc = take(kCvar && p.grads_in_shared);
-  return staged;
+  return carve_staged_bc(dynamic, p.staged_groups * kT * p.N, kBvar, kCvar, p.grads_in_shared);
 }
 
 template <bool kBvar, bool kCvar, typename P, typename acc_t>
@@ -449,7 +428,8 @@ void scan_forward_cuda(const ScanForwardArgs& args) {
   p.out = args.out.mutable_data_ptr<scalar_t>();
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
     constexpr auto kernel = scan_forward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>;
-    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(shape, a.dstate, Bv, Cv), "selective_scan");
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
+        staged_bc_bytes<acc_t>(staged_size(shape, a.dstate), Bv, Cv, false), "selective_scan");
     kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -478,9 +458,11 @@ void scan_backward_cuda(const ScanBackwardArgs& args) {
     // Summing dB / dC per tile in shared memory first saves global atomics only when a block holds
     // several channels (N ≤ 64: 4× fewer at N = 16); it doubles the staged bytes, so it is used only
     // where they fit.
-    const size_t staged = staged_bytes<acc_t>(shape, a.dstate, Bv, Cv);
-    p.grads_in_shared = shape.cpb >= 2 && 2 * staged <= shammie::cuda::dynamic_smem_limit<kernel>();
-    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.grads_in_shared ? 2 * staged : staged, "selective_scan");
+    const int64_t size = staged_size(shape, a.dstate);
+    p.grads_in_shared = shape.cpb >= 2 &&
+                        staged_bc_bytes<acc_t>(size, Bv, Cv, true) <= shammie::cuda::dynamic_smem_limit<kernel>();
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
+        staged_bc_bytes<acc_t>(size, Bv, Cv, p.grads_in_shared), "selective_scan");
     kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

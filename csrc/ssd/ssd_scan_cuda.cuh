@@ -26,6 +26,7 @@
 
 #include "common/cuda_smem.h"
 #include "selective_scan/ssm_math.h"
+#include "selective_scan/staged_bc.cuh"
 #include "ssd/ssd_scan.h"
 
 namespace shammie::ssd::cuda {
@@ -137,25 +138,14 @@ __device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* staged, int
   return q.state_ok ? staged[t * p.N + q.n] : acc_t(0);
 }
 
+using ssm::StagedBC;
+
 // The tile's B and C ([kT][N] each) in the kernel's dynamic shared memory; in the backward, when
 // p.grads_in_shared, the tile's dB and dC sums after them (else null).
-template <typename acc_t>
-struct StagedBC {
-  acc_t* b;
-  acc_t* c;
-  acc_t* db;
-  acc_t* dc;
-};
-
 template <typename Par, typename acc_t>
 __device__ StagedBC<acc_t> staged_bc(const Par& p, acc_t* dynamic) {
-  const int64_t size = kT * p.N;
-  return {dynamic, dynamic + size, p.grads_in_shared ? dynamic + 2 * size : nullptr,
-          p.grads_in_shared ? dynamic + 3 * size : nullptr};
+  return ssm::carve_staged_bc(dynamic, kT * p.N, true, true, p.grads_in_shared);
 }
-
-template <typename acc_t>
-size_t staged_bytes(int64_t dstate) { return static_cast<size_t>(2 * kT * dstate) * sizeof(acc_t); }
 
 // Sum over the `width` lanes of this thread's row within its warp.
 template <typename T>
@@ -481,7 +471,8 @@ void ssd_forward_cuda(const SsdForwardArgs& args) {
   p.final_state = args.final_state.mutable_data_ptr<acc_t>();
   p.varlen_states = args.varlen_states.mutable_data_ptr<acc_t>();
   constexpr auto kernel = ssd_forward_kernel<scalar_t, acc_t>;
-  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(staged_bytes<acc_t>(a.dstate), "ssd_scan");
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(ssm::staged_bc_bytes<acc_t>(kT * a.dstate, true, true, false),
+                                                                "ssd_scan");
   kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -511,9 +502,11 @@ void ssd_backward_cuda(const SsdBackwardArgs& args) {
   constexpr auto kernel = ssd_backward_kernel<scalar_t, acc_t>;
   // Summing dB / dC over the block's rows in shared memory first saves global atomics where the block
   // spans several warps (2× at N = 128, 8× at N = 16); it doubles the staged bytes, so only where they fit.
-  const size_t staged = staged_bytes<acc_t>(a.dstate);
-  p.grads_in_shared = shape.threads > 32 && 2 * staged <= shammie::cuda::dynamic_smem_limit<kernel>();
-  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.grads_in_shared ? 2 * staged : staged, "ssd_scan");
+  const int64_t size = kT * a.dstate;
+  p.grads_in_shared = shape.threads > 32 &&
+                      ssm::staged_bc_bytes<acc_t>(size, true, true, true) <= shammie::cuda::dynamic_smem_limit<kernel>();
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
+      ssm::staged_bc_bytes<acc_t>(size, true, true, p.grads_in_shared), "ssd_scan");
   kernel<<<num_blocks(a, shape), shape.threads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
