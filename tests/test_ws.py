@@ -32,15 +32,20 @@ SPACES = {
 }
 
 
+def space(name):
+    """(metric, true θ) of one of SPACES."""
+    make, theta = SPACES[name]
+    return make(), torch.tensor(theta)
+
+
 def sq_err(metric, a, b):
     D = metric if isinstance(metric, torch.Tensor) else sq_block(metric)
     return D[a, b].mean().item()
 
 
-@pytest.mark.parametrize("space", SPACES)
-def test_theta_error_falls_with_n(space):
-    make, theta = SPACES[space]
-    metric, theta = make(), torch.tensor(theta)
+@pytest.mark.parametrize("name", SPACES)
+def test_theta_error_falls_with_n(name):
+    metric, theta = space(name)
     g = torch.Generator().manual_seed(0)
     errs = []
     for n in (100, 1000, 10000):
@@ -51,10 +56,9 @@ def test_theta_error_falls_with_n(space):
 
 
 @pytest.mark.parametrize("identity", ["additive", "inner", "model"])
-@pytest.mark.parametrize("space", SPACES)
-def test_pseudolabels_beat_majority_vote_near_oracle(space, identity):
-    make, theta = SPACES[space]
-    metric, theta = make(), torch.tensor(theta)
+@pytest.mark.parametrize("name", SPACES)
+def test_pseudolabels_beat_majority_vote_near_oracle(name, identity):
+    metric, theta = space(name)
     L, y = sample_lfs(metric, theta, 4000, abstain=0.1, generator=torch.Generator().manual_seed(1))
     covered = (L >= 0).any(1)
     L, y = L[covered], y[covered]
@@ -275,12 +279,11 @@ def test_ranking_search_matches_dense(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("identity", ["additive", "inner", "model"])
-@pytest.mark.parametrize("space", SPACES)
-def test_cuda_label_matrix_gives_the_cpu_model(space, identity):
+@pytest.mark.parametrize("name", SPACES)
+def test_cuda_label_matrix_gives_the_cpu_model(name, identity):
     # The label matrix on the GPU: fit, predict (the metric's search on CUDA) and predict_proba agree
     # with the CPU run.
-    make, theta = SPACES[space]
-    metric, theta = make(), torch.tensor(theta)
+    metric, theta = space(name)
     L, _ = sample_lfs(metric, theta, 2000, abstain=0.1, generator=torch.Generator().manual_seed(5))
     cpu = MetricLabelModel(metric, identity=identity).fit(L)
     gpu = MetricLabelModel(metric, identity=identity).fit(L.cuda())
