@@ -1,8 +1,8 @@
 """Each implementation of the ops that have several, side by side in one run: the fused kernels and the
 GEMM implementations (SHAMMIE_MONARCH_IMPL = kernel | gemm | dense, SHAMMIE_FRECHET_IMPL = kernel |
-gemm), against the peer of `shammie bench`, at the benchmark's shapes and at small batches where
-launches dominate. The numbers behind each op's `auto` choice (benchmarks/RESULTS.md).
-    python -m shammie.benchmarks.impl_compare [--device cuda]"""
+gemm, SHAMMIE_SSD_IMPL = kernel | chunked), against the peer of `shammie bench`, at the benchmark's
+shapes and (Monarch, Fréchet) at small batches where launches dominate. The numbers behind each op's `auto` choice (benchmarks/RESULTS.md).
+    python -m shammie.benchmarks.impl_compare [--device cuda] [--ops ssd monarch frechet]"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import torch
 
 import shammie
-from shammie.benchmarks import frechet, monarch
+from shammie.benchmarks import frechet, mamba2_scan, monarch
 from shammie.benchmarks.harness import median_seconds
 from shammie.reference.monarch import monarch_bmm
 
@@ -28,6 +28,9 @@ def _timed(fn, inputs, device, backward):
 
 MONARCH_IMPLS = ("kernel", "gemm", "dense")
 FRECHET_IMPLS = ("kernel", "gemm")
+SSD_IMPLS = ("kernel", "chunked")
+# The table's columns: each op's implementations by position (kernel; gemm or chunked; dense).
+COLUMNS = ("kernel", "gemm|chunked", "dense")
 
 
 def _row(label, env, impls, ours, peer, inputs, device, backward):
@@ -37,17 +40,22 @@ def _row(label, env, impls, ours, peer, inputs, device, backward):
         times[impl] = _timed(ours, inputs, device, backward)
     os.environ.pop(env)
     peer_time = _timed(peer, inputs, device, backward)
-    columns = " ".join(f"{times[impl] * 1e3:9.3f}" if impl in times else f"{'-':>9s}" for impl in MONARCH_IMPLS)
+    cells = [f"{times[impl] * 1e3:9.3f}" for impl in impls] + [f"{'-':>9s}"] * (len(COLUMNS) - len(impls))
+    columns = " ".join(cells)
     print(f"{label:58s} {columns} {peer_time * 1e3:9.3f} {peer_time / min(times.values()):6.2f}x", flush=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(parser.parse_args(argv).device)
-    cuda = device.type == "cuda"
-    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; ms per call")
-    print(f"{'case':58s} " + " ".join(f"{impl:>9s}" for impl in MONARCH_IMPLS) + f" {'peer':>9s} {'best x':>7s}")
+def _ssd(device, cuda):
+    for dtype in ([torch.bfloat16, torch.float32] if cuda else [torch.float32]):
+        for name, batch, L, heads, headdim, N, groups in mamba2_scan.SHAPES[device.type] + [mamba2_scan.FULL_SHAPE]:
+            case = mamba2_scan._case(name, batch, L, heads, headdim, N, groups, dtype)
+            for backward in (False, True):
+                label = f"ssd {'fwd+bwd' if backward else 'fwd'} B={batch} L={L} H={heads} {str(dtype)[6:]}"
+                _row(label, "SHAMMIE_SSD_IMPL", SSD_IMPLS, case.ours, case.peer, case.make_inputs(device), device,
+                     backward)
+
+
+def _monarch(device, cuda):
     shapes = monarch.CUDA_SHAPES if cuda else monarch.CPU_SHAPES
     for dtype in ([torch.bfloat16, torch.float32] if cuda else [torch.float32]):
         for name, tokens, n, k, q, l, s, r in shapes:
@@ -56,6 +64,9 @@ def main(argv=None) -> int:
                 label = f"monarch fwd+bwd {name} M={m} {str(dtype)[6:]}"
                 _row(label, "SHAMMIE_MONARCH_IMPL", MONARCH_IMPLS, shammie.blockdiag_butterfly_multiply, monarch_bmm,
                      case.make_inputs(device), device, backward=True)
+
+
+def _frechet(device, cuda):
     peer = lambda p, d: torch.argmin(p @ d, dim=1)
     for dtype in ([torch.float16, torch.bfloat16, torch.float32] if cuda else [torch.float32]):
         for name, batch, K, N, k in (frechet.CUDA_SHAPES if cuda else frechet.CPU_SHAPES) + [("small", 16, 1000, 20_000, 1)]:
@@ -63,6 +74,22 @@ def main(argv=None) -> int:
             label = f"frechet_topk k={k} {name} B={batch} {str(dtype)[6:]} (peer: argmin(p @ d))"
             _row(label, "SHAMMIE_FRECHET_IMPL", FRECHET_IMPLS, lambda p, d, k=k: shammie.frechet_topk(p, d, k), peer,
                  case.make_inputs(device), device, backward=False)
+
+
+FAMILIES = {"ssd": _ssd, "monarch": _monarch, "frechet": _frechet}   # the newest implementation first
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; ms per call")
+    print(f"{'case':58s} " + " ".join(f"{name:>9s}" for name in COLUMNS) + f" {'peer':>9s} {'best x':>7s}")
+    for family in args.ops:
+        FAMILIES[family](device, cuda)
     return 0
 
 

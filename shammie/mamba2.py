@@ -7,8 +7,9 @@ that scalar decay, start from the initial state when one is given, and return th
 `dt_limit` (dt clamped after softplus) is the one part done here: only a limit other than
 (0, inf) costs anything, dt is then finished in torch and handed to the kernel as is.
 
-mamba_ssm computes the same scan chunk by chunk with matmuls (SSD); `chunk_size` only shapes that
-algorithm, so it is accepted and checked but does not change the result here.
+mamba_ssm computes the same scan chunk by chunk with matmuls (SSD); so can shammie
+(`SHAMMIE_SSD_IMPL=chunked`, csrc/ssd/ssd_chunked.cpp, in chunks of its own size). `chunk_size` only
+shapes that algorithm, so it is accepted and checked but does not change the result here.
 
 Packed sequences (`seq_idx`) are a decay of zero at each step whose id differs from the previous
 step's, inside the kernels: no state, and no gradient, crosses from one sequence into the next.

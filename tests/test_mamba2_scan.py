@@ -2,7 +2,8 @@
 sequential reference written from the math (shammie/reference/mamba2.py), in every dtype; groups,
 D per head or per channel, z, dt_bias, softplus, dt_limit, initial states; L = 1, L = 0 and L across
 the kernels' checkpoint intervals; every CPU instruction-set copy; gradcheck, opcheck,
-torch.compile(fullgraph=True), determinism across thread counts, and bad input."""
+torch.compile(fullgraph=True), determinism across thread counts, and bad input; each on both
+implementations (SHAMMIE_SSD_IMPL = kernel | chunked)."""
 
 import math
 
@@ -13,6 +14,13 @@ import shammie
 from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference, ssd_scan_varlen_reference
 from shammie.benchmarks.harness import saved_bytes
 from conftest import DEVICES, DTYPES, assert_compiled_matches_eager, assert_matches_reference
+
+@pytest.fixture(autouse=True, params=["kernel", "chunked"])
+def impl(request, monkeypatch):
+    """Every test on both implementations: the recurrence kernels, and the chunked matrix products."""
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", request.param)
+    return request.param
+
 
 LOW = ("x", "dt", "B", "C", "z")      # in the activation dtype; A, D, dt_bias, initial_states in float32
 NO_LIMIT = (0.0, math.inf)
@@ -104,20 +112,27 @@ def test_gradients_match_reference(case, dtype, device, setting):
         assert_matches_reference(got[name], ref[name], low[name], f"grad {name}")
 
 
-def packed_seq_idx(seqlen):
-    """Row 0: runs of 1, 2, 130 (across a checkpoint interval) and the rest; row 1: one run; ids as
-    mamba_ssm makes them (non-decreasing, int32)."""
-    row0 = torch.repeat_interleave(torch.arange(4), torch.tensor([1, 2, 130, seqlen - 133]))
-    return torch.stack([row0, torch.full((seqlen,), 5)]).to(torch.int32)
+def packed_seq_idx(seqlen, layout="runs"):
+    """"runs": row 0 has runs of 1, 2, 130 (across a checkpoint interval) and the rest, row 1 one run;
+    ids as mamba_ssm makes them (non-decreasing, int32). "chunk edges": sequences that start on the
+    chunked implementation's chunk edges (steps 63, 64, 128, 191; row 1 at 64) with ids that come back
+    (0, 1, 0, 1, 2) or go down: a change of id is what starts a sequence."""
+    if layout == "runs":
+        row0 = torch.repeat_interleave(torch.arange(4), torch.tensor([1, 2, 130, seqlen - 133]))
+        return torch.stack([row0, torch.full((seqlen,), 5)]).to(torch.int32)
+    row0 = torch.repeat_interleave(torch.tensor([0, 1, 0, 1, 2]), torch.tensor([63, 1, 64, 63, seqlen - 191]))
+    row1 = torch.repeat_interleave(torch.tensor([7, 3]), torch.tensor([64, seqlen - 64]))
+    return torch.stack([row0, row1]).to(torch.int32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("setting", ["softplus", "softplus + dt_limit"])
-def test_packed_sequences_match_separate_runs(dtype, device, setting):
+@pytest.mark.parametrize("layout", ["runs", "chunk edges"])
+def test_packed_sequences_match_separate_runs(dtype, device, setting, layout):
     softplus, limit = SETTINGS[setting]
     inputs = make(batch=2, L=300, heads=4, headdim=3, groups=2, N=16, dtype=dtype, device=device)
-    seq_idx = packed_seq_idx(300).to(device)
+    seq_idx = packed_seq_idx(300, layout).to(device)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
     out, state = shammie.mamba_chunk_scan_combined(**leaves, chunk_size=64, seq_idx=seq_idx, dt_softplus=softplus,
                                                    dt_limit=limit, return_final_states=True)
@@ -227,6 +242,49 @@ def test_gradcheck(device):
 
     args = tuple(inputs[k].double().requires_grad_(True) for k in names)
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_across_chunks_and_packed_sequences():
+    """Three of the chunked implementation's chunks, with sequences starting at a chunk's first step and
+    inside one (float64, CPU)."""
+    inputs = make(batch=1, L=150, heads=2, headdim=2, groups=1, N=3, dtype=torch.float64)
+    seq_idx = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([64, 36, 50])).view(1, -1)
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def fn(*args):
+        return shammie.mamba_chunk_scan_combined(**dict(zip(names, args)), chunk_size=64, seq_idx=seq_idx,
+                                                 dt_softplus=True, return_final_states=True)
+
+    args = tuple(inputs[k].double().requires_grad_(True) for k in names)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("forward_impl,backward_impl", [("kernel", "chunked"), ("chunked", "kernel")])
+def test_either_backward_follows_either_forward(forward_impl, backward_impl, monkeypatch):
+    """The forwards write the same checkpoints, so the backward ops of both implementations accept them."""
+    inputs = make(batch=2, L=300, heads=4, headdim=3, groups=2, N=16, dtype=torch.float64)
+    ops = [None if inputs[k] is None else inputs[k].double() for k in OP_ORDER]
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", forward_impl)
+    out, checkpoints, final, _ = torch.ops.shammie.ssd_scan(*ops, True)
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", "kernel")
+    _, kernel_checkpoints, kernel_final, _ = torch.ops.shammie.ssd_scan(*ops, True)
+    torch.testing.assert_close(checkpoints, kernel_checkpoints, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, kernel_final, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    grad_out, grad_final = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(final.shape, generator=g)
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", backward_impl)
+    mixed = torch.ops.shammie.ssd_scan_backward(grad_out, grad_final.to(final.dtype), *ops, checkpoints, True)
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", forward_impl)
+    same = torch.ops.shammie.ssd_scan_backward(grad_out, grad_final.to(final.dtype), *ops, checkpoints, True)
+    for got, expected in zip(mixed, same):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_unknown_implementation_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", "fast")
+    inputs = make(batch=1, L=5, heads=2, headdim=2, groups=1, N=3)
+    with pytest.raises(ValueError, match="SHAMMIE_SSD_IMPL must be one of auto, kernel, chunked; got 'fast'"):
+        run(shammie.mamba_chunk_scan_combined, inputs, True, NO_LIMIT)
 
 
 OP_ORDER = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")

@@ -159,7 +159,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssd_scan_forward(
   SsdForwardArgs args{in, at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)),
                       at::empty(state_shape(in), acc), at::zeros(varlen_shape(in), acc)};
   if (in.batch * in.seqlen * in.heads * in.headdim > 0) {
-    kernel(args);   // writes every checkpoint and the final state
+    // Either writes every checkpoint and the final state.
+    if (chosen_impl(in) == Impl::kChunked) forward_chunked(args);
+    else kernel(args);
   } else {          // nothing to scan: the start state (or zero) passes through
     const at::Tensor start = in.initial_states ? *in.initial_states : at::zeros(state_shape(in), acc);
     args.final_state.copy_(start);
@@ -207,7 +209,8 @@ std::vector<at::Tensor> ssd_scan_backward(
                        initial_states ? std::optional<at::Tensor>(at::empty(state_shape(in), in.A.options()))
                                       : std::nullopt};
   if (in.batch * in.seqlen * in.heads * in.headdim > 0) {
-    kernel(args);
+    if (chosen_impl(in) == Impl::kChunked) backward_chunked(args);
+    else kernel(args);
   } else {
     args.dx.zero_();
     args.ddt.zero_();
