@@ -280,6 +280,32 @@ def test_either_backward_follows_either_forward(forward_impl, backward_impl, mon
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_chunked_form_in_batch_slices_equals_one_pass(monkeypatch):
+    """SHAMMIE_SSD_CHUNKED_MB caps the chunked form's temporaries by running batch rows in slices:
+    here 1 MiB, one row per slice (a row's (L, heads, 64) float64 temporary takes 640 KiB); the
+    per-head gradients (dA, dD, dt_bias) add up across slices."""
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", "chunked")
+    inputs = make(batch=5, L=300, heads=4, headdim=3, groups=2, N=16, dtype=torch.float64)
+    seq_idx = torch.cat([packed_seq_idx(300, "chunk edges"), packed_seq_idx(300)[:1].repeat(3, 1)])
+
+    def outputs_and_grads():
+        leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items() if v is not None}
+        out, state = shammie.mamba_chunk_scan_combined(**leaves, chunk_size=64, seq_idx=seq_idx, dt_softplus=True,
+                                                       return_final_states=True)
+        g = torch.Generator().manual_seed(3)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() + \
+            (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
+        return [out, state, *torch.autograd.grad(loss, list(leaves.values()))]
+
+    whole = outputs_and_grads()
+    monkeypatch.setenv("SHAMMIE_SSD_CHUNKED_MB", "1")
+    for got, expected in zip(outputs_and_grads(), whole):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv("SHAMMIE_SSD_CHUNKED_MB", "lots")
+    with pytest.raises(ValueError, match="SHAMMIE_SSD_CHUNKED_MB must be a positive integer"):
+        outputs_and_grads()
+
+
 def test_unknown_implementation_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SHAMMIE_SSD_IMPL", "fast")
     inputs = make(batch=1, L=5, heads=2, headdim=2, groups=1, N=3)

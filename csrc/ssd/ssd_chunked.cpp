@@ -3,9 +3,10 @@
 // (cuBLAS tensor cores on a GPU, MKL on a CPU) instead of a sequential sweep per state.
 //
 // Per (batch, head) and chunk of Q steps t0 .. t0+Q−1, with ℓ_t = dt_t·A_h and Λ_t = ℓ_t0 + .. + ℓ_t:
-//   E[t,s]  = exp(Λ_t − Λ_s) = exp(ℓ_{s+1} + … + ℓ_t) for s ≤ t in the same packed sequence, else 0   (decay from s to t)
-//   M[t,s]  = E[t,s]·(C_t·B_s)·dt_s                                           (the chunk's own inputs)
-//   e_in[t] = exp(Λ_t), or 0 once a sequence has started inside the chunk     (decay of the chunk's start state)
+//   E[t,s]  = exp(Λ_t − Λ_s) = exp(ℓ_{s+1} + … + ℓ_t) for s ≤ t in the same packed sequence, else 0
+//             (the decay from step s to step t)
+//   M[t,s]  = E[t,s]·(C_t·B_s)·dt_s                        (the chunk's own inputs)
+//   e_in[t] = exp(Λ_t), or 0 once a sequence has started   (the decay of the chunk's start state)
 //   w_s     = exp(Λ_last − Λ_s)·dt_s, or 0 for steps before the last sequence's start
 //   y  = M·X + diag(e_in)·C·S_inᵀ + D·x,     S_out = e_in[last]·S_in + Xᵀ·diag(w)·B.
 // Only the pass of S_in from chunk to chunk is sequential (one fused multiply-add per chunk). At a
@@ -19,7 +20,8 @@
 //   dB = (dM∘E∘dt)ᵀ·C + diag(w)·X·dS_out,   dℓ_r from the entries of E, e_in and w that hold ℓ_r;
 //   dt gets dℓ·A plus its direct uses in M and w.
 // The per-sequence final states of cu_seqlens (varlen states) are not produced here: chosen_impl
-// leaves those calls on the kernels.
+// leaves those calls on the kernels. Batch rows run in slices when the temporaries would pass
+// SHAMMIE_SSD_CHUNKED_MB (rows_per_slice).
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addcmul.h>
 #include <ATen/ops/empty.h>
@@ -28,8 +30,11 @@
 #include <ATen/ops/softplus_backward.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <limits>
 
+#include "common/errors.h"
 #include "common/impl_override.h"
 #include "ssd/ssd_scan.h"
 
@@ -163,7 +168,9 @@ at::Tensor step_sizes(const SsdArgs& a) {
 }
 
 // S (b, G, hpg·P, N) scaled per head by decay (b, G, hpg): the shapes addcmul broadcasts.
-at::Tensor per_head_states(const at::Tensor& states, const Shape& s) { return states.view({s.b, s.G, s.hpg, s.P, s.N}); }
+at::Tensor per_head_states(const at::Tensor& states, const Shape& s) {
+  return states.view({s.b, s.G, s.hpg, s.P, s.N});
+}
 at::Tensor per_head_decay(const at::Tensor& decay) { return decay.unsqueeze(-1).unsqueeze(-1); }
 
 Chunked chunked_forward(const SsdArgs& a) {
@@ -226,18 +233,7 @@ at::Tensor gated(const at::Tensor& y, const std::optional<at::Tensor>& z) {
   return y * zf * zf.sigmoid();
 }
 
-}  // namespace
-
-Impl chosen_impl(const SsdArgs& a) {
-  // Read first, so that a bad value is an error on every call.
-  const std::optional<int> forced = impl_override("SHAMMIE_SSD_IMPL", {"kernel", "chunked"});
-  // The varlen states of cu_seqlens (a state at arbitrary steps) are the kernels' alone.
-  if (a.num_seqs > 0) return Impl::kKernel;
-  // auto: the kernels, which win on the CPU (benchmarks/RESULTS.md); no GPU has timed the chunked form yet.
-  return forced ? static_cast<Impl>(*forced) : Impl::kKernel;
-}
-
-void forward_chunked(const SsdForwardArgs& args) {
+void forward_rows(const SsdForwardArgs& args) {
   const SsdArgs& a = args.in;
   const Chunked c = chunked_forward(a);
   const Shape& s = c.s;
@@ -249,7 +245,7 @@ void forward_chunked(const SsdForwardArgs& args) {
   a.checkpoints.copy_(starts.permute({0, 2, 1, 3, 4}));
 }
 
-void backward_chunked(const SsdBackwardArgs& args) {
+void backward_rows(const SsdBackwardArgs& args) {
   const SsdArgs& a = args.in;
   const Chunked c = chunked_forward(a);
   const Shape& s = c.s;
@@ -264,7 +260,7 @@ void backward_chunked(const SsdBackwardArgs& args) {
     dy = dy * z * sig;
   }
   const at::Tensor D = a.D.view({s.G * s.hpg, s.P});
-  args.dD.copy_((dy * x).sum({0, 1}).view(args.dD.sizes()));
+  args.dD.add_((dy * x).sum({0, 1}).view(args.dD.sizes()));   // dA, dD, ddt_bias: summed over batch slices
   const at::Tensor dY = chunk_rows(dy, s);
   const at::Tensor dY_heads = head_major(dY);
   const at::Tensor dY_e = dY * beside_rows(c.e_in);
@@ -310,7 +306,7 @@ void backward_chunked(const SsdBackwardArgs& args) {
   at::Tensor dlog_decay = spanning_sums(dM * c.M) + reverse_cumsum(de_in * c.e_in) + exclusive_cumsum(dw * c.w);
   if (c.cut) dlog_decay = dlog_decay * c.cut->not_start;
   ddt = ddt + dlog_decay * c.A;
-  args.dA.copy_((dlog_decay * c.dt).sum({0, 1, 4}).view(args.dA.sizes()));
+  args.dA.add_((dlog_decay * c.dt).sum({0, 1, 4}).view(args.dA.sizes()));
 
   args.dx.copy_(unchunk_rows(dX, s) + D * dy);
   args.dB.copy_(unchunk_groups(dB, s));
@@ -319,7 +315,74 @@ void backward_chunked(const SsdBackwardArgs& args) {
   at::Tensor ddt_raw = unchunk_heads(ddt, s);
   if (a.softplus) ddt_raw = at::softplus_backward(ddt_raw, a.dt.to(acc) + a.dt_bias, 1, 20);
   args.ddt.copy_(ddt_raw);
-  args.ddt_bias.copy_(ddt_raw.sum({0, 1}));
+  args.ddt_bias.add_(ddt_raw.sum({0, 1}));
+}
+
+// Batch rows [b0, b0 + n) of everything batch-leading (views; rows are the outermost dim).
+at::Tensor rows_of(const at::Tensor& t, int64_t b0, int64_t n) { return t.narrow(0, b0, n); }
+std::optional<at::Tensor> rows_of(const std::optional<at::Tensor>& t, int64_t b0, int64_t n) {
+  return t ? std::optional<at::Tensor>(t->narrow(0, b0, n)) : std::nullopt;
+}
+
+SsdArgs rows_of(const SsdArgs& a, int64_t b0, int64_t n) {
+  SsdArgs r = a;
+  r.batch = n;
+  r.x = rows_of(a.x, b0, n);
+  r.dt = rows_of(a.dt, b0, n);
+  r.z = rows_of(a.z, b0, n);
+  r.B = rows_of(a.B, b0, n);
+  r.C = rows_of(a.C, b0, n);
+  r.initial_states = rows_of(a.initial_states, b0, n);
+  r.seq_idx = rows_of(a.seq_idx, b0, n);
+  r.state_slot = rows_of(a.state_slot, b0, n);
+  r.checkpoints = rows_of(a.checkpoints, b0, n);
+  return r;
+}
+
+// Batch rows per slice, so that each (rows, seqlen, heads, Q) temporary stays within
+// SHAMMIE_SSD_CHUNKED_MB MiB (default 256; the backward holds about ten of them at once).
+int64_t rows_per_slice(const SsdArgs& a) {
+  const char* cap = std::getenv("SHAMMIE_SSD_CHUNKED_MB");
+  int64_t mib = 256;
+  if (cap != nullptr && *cap != '\0') {
+    char* end = nullptr;
+    mib = std::strtoll(cap, &end, 10);
+    SHAMMIE_CHECK_VALUE(*end == '\0' && mib > 0, "SHAMMIE_SSD_CHUNKED_MB must be a positive integer (MiB), got '",
+                        cap, "'");
+  }
+  const int64_t per_row = Shape(a).nc * a.heads * kChunk * kChunk * static_cast<int64_t>(a.A.element_size());
+  return std::clamp<int64_t>((mib << 20) / per_row, 1, a.batch);
+}
+
+}  // namespace
+
+Impl chosen_impl(const SsdArgs& a) {
+  // Read first, so that a bad value is an error on every call.
+  const std::optional<int> forced = impl_override("SHAMMIE_SSD_IMPL", {"kernel", "chunked"});
+  // The varlen states of cu_seqlens (a state at arbitrary steps) are the kernels' alone.
+  if (a.num_seqs > 0) return Impl::kKernel;
+  // auto: the kernels, which win on the CPU (benchmarks/RESULTS.md); no GPU has timed the chunked form yet.
+  return forced ? static_cast<Impl>(*forced) : Impl::kKernel;
+}
+
+void forward_chunked(const SsdForwardArgs& args) {
+  const int64_t step = rows_per_slice(args.in);
+  for (int64_t b0 = 0; b0 < args.in.batch; b0 += step) {
+    const int64_t n = std::min(step, args.in.batch - b0);
+    forward_rows({rows_of(args.in, b0, n), rows_of(args.out, b0, n), rows_of(args.final_state, b0, n),
+                  args.varlen_states});
+  }
+}
+
+void backward_chunked(const SsdBackwardArgs& args) {
+  const int64_t step = rows_per_slice(args.in);
+  for (int64_t b0 = 0; b0 < args.in.batch; b0 += step) {
+    const int64_t n = std::min(step, args.in.batch - b0);
+    backward_rows({rows_of(args.in, b0, n), rows_of(args.grad_out, b0, n), rows_of(args.grad_final, b0, n),
+                   args.grad_varlen, rows_of(args.dx, b0, n), rows_of(args.ddt, b0, n), rows_of(args.dz, b0, n),
+                   args.dA, rows_of(args.dB, b0, n), rows_of(args.dC, b0, n), args.dD, args.ddt_bias,
+                   rows_of(args.dinitial_states, b0, n)});
+  }
 }
 
 }  // namespace shammie::ssd
