@@ -6,6 +6,7 @@ torch.compile(fullgraph=True), determinism across thread counts, and bad input; 
 implementations (SHAMMIE_SSD_IMPL = kernel | chunked)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -304,6 +305,40 @@ def test_chunked_form_in_batch_slices_equals_one_pass(monkeypatch):
     monkeypatch.setenv("SHAMMIE_SSD_CHUNKED_MB", "lots")
     with pytest.raises(ValueError, match="SHAMMIE_SSD_CHUNKED_MB must be a positive integer"):
         outputs_and_grads()
+
+
+@pytest.fixture
+def deterministic_mode():
+    # warn_only: cuBLAS (the chunked form's GEMMs) would otherwise ask for CUBLAS_WORKSPACE_CONFIG; the
+    # alert of an op without a deterministic implementation is then a warning, which the test turns
+    # into an error.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def scan_gradients(inputs, seed=4):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    out, state = run(shammie.mamba_chunk_scan_combined, leaves, True, NO_LIMIT)
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out.shape, generator=g).to(out)
+    return torch.autograd.grad((out * weight).sum() + state.sum(), list(leaves.values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_deterministic_mode_takes_the_chunked_form(deterministic_mode, monkeypatch):
+    """Under torch.use_deterministic_algorithms, auto avoids the CUDA kernels' atomics: two backward
+    passes agree bit for bit; SHAMMIE_SSD_IMPL=kernel raises torch's alert instead."""
+    inputs = make(batch=2, L=300, heads=8, headdim=64, groups=1, N=128, device="cuda")
+    monkeypatch.delenv("SHAMMIE_SSD_IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*shammie.*")
+        first, second = scan_gradients(inputs), scan_gradients(inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("SHAMMIE_SSD_IMPL", "kernel")
+    with pytest.warns(UserWarning, match="ssd_scan_backward with SHAMMIE_SSD_IMPL=kernel"):
+        scan_gradients(inputs)
 
 
 def test_unknown_implementation_is_a_clear_error(monkeypatch):

@@ -197,3 +197,18 @@ def test_bad_input_is_a_clear_error(change, error, message):
     good = make(2, 8, 12, 16)
     with pytest.raises(error, match=message):
         shammie.selective_scan_fn(**{**good, **change}, delta_softplus=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backward_refuses_deterministic_mode():
+    """The CUDA backward sums dB, dC, dA, dD and d(delta_bias) with float atomics, so under
+    torch.use_deterministic_algorithms(True) it raises torch's alert (the forward still runs)."""
+    inputs = make(batch=2, dim=8, L=40, N=16, device="cuda")
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if v is not None}
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = shammie.selective_scan_fn(**leaves, delta_softplus=True)
+        with pytest.raises(RuntimeError, match="selective_scan_backward"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)

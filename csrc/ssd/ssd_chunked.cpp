@@ -22,6 +22,7 @@
 // The per-sequence final states of cu_seqlens (varlen states) are not produced here: chosen_impl
 // leaves those calls on the kernels. Batch rows run in slices when the temporaries would pass
 // SHAMMIE_SSD_CHUNKED_MB (rows_per_slice).
+#include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addcmul.h>
 #include <ATen/ops/empty.h>
@@ -361,8 +362,12 @@ Impl chosen_impl(const SsdArgs& a) {
   const std::optional<int> forced = impl_override("SHAMMIE_SSD_IMPL", {"kernel", "chunked"});
   // The varlen states of cu_seqlens (a state at arbitrary steps) are the kernels' alone.
   if (a.num_seqs > 0) return Impl::kKernel;
+  if (forced) return static_cast<Impl>(*forced);
+  // Under torch.use_deterministic_algorithms the CUDA kernels' backward (float atomics) may not run,
+  // and the chunked form is deterministic.
+  if (a.x.is_cuda() && at::globalContext().deterministicAlgorithms()) return Impl::kChunked;
   // auto: the kernels, which win on the CPU (benchmarks/RESULTS.md); no GPU has timed the chunked form yet.
-  return forced ? static_cast<Impl>(*forced) : Impl::kKernel;
+  return Impl::kKernel;
 }
 
 void forward_chunked(const SsdForwardArgs& args) {

@@ -3,6 +3,8 @@
 #include "ssd/ssd_scan_cuda.cuh"
 #include "ssd/ssd_scan_registration.h"
 
+#include <ATen/Context.h>
+
 namespace shammie::ssd::cuda {
 
 void ssd_forward_float(const SsdForwardArgs& args) {
@@ -30,6 +32,9 @@ void forward_cuda(const SsdForwardArgs& a) {
 }
 
 void backward_cuda(const SsdBackwardArgs& a) {
+  // dB, dC, dA, dD and d(dt) are summed across blocks with float atomics.
+  at::globalContext().alertNotDeterministic(
+      "shammie::ssd_scan_backward with SHAMMIE_SSD_IMPL=kernel (CUDA; auto and chunked are deterministic)");
   switch (a.in.x.scalar_type()) {
     case at::kHalf: return shammie::ssd::cuda::ssd_backward_half(a);
     case at::kBFloat16: return shammie::ssd::cuda::ssd_backward_bfloat16(a);
