@@ -213,6 +213,13 @@ def test_robustness_errors_and_fallbacks():
         ContinuousLabelModel(0.0)
 
 
+def test_default_rule_is_the_consistent_one_where_it_fits():
+    """identity="auto": the model rule up to 1024 labels (its error falls with n), additive above."""
+    assert MetricLabelModel(RankingMetric(5)).identity == "model"       # 120 rankings
+    assert MetricLabelModel(RankingMetric(7)).identity == "additive"    # 5,040 rankings
+    assert MetricLabelModel(1.0 - torch.eye(3), identity="inner").identity == "inner"
+
+
 def test_fit_on_exact_moments_of_binary_case():
     """Binary classes (d² = 1 off the diagonal): the additive and inner rules are exact in the population."""
     D = 1.0 - torch.eye(2)

@@ -84,10 +84,11 @@ class MetricLabelModel:
     interface (``num_labels``, ``sq_dists(rows)``, ``frechet_topk``; see shammie.ws.metric),
     or an (N, N) tensor of squared distances.
     aggregate: "median" (default) or "mean" over the triplets (b, c) that estimate E d²(λ_a, y).
-    identity:
-    - "additive" (the issue's rule): for conditionally independent LFs with mean-zero noise,
-      E d²_ab = E d²_a + E d²_b, so E d²_a = (d_ab + d_ac − d_bc)/2. Biased on bounded spaces, where the
-      noise is not mean-zero.
+    identity: "auto" (default) is "model" for label spaces of at most 1024 labels, where it is consistent,
+    and "additive" above (the "model" rule needs (m, N, N) tables there). Or one of:
+    - "additive" (the triplet rule of Universalizing weak supervision): for conditionally independent
+      LFs with mean-zero noise, E d²_ab = E d²_a + E d²_b, so E d²_a = (d_ab + d_ac − d_bc)/2. Biased on
+      bounded spaces, where the noise is not mean-zero (its error does not fall with n).
     - "inner": embeds the label space (pseudo_euclidean_embedding, centred at its mean, y taken as
       uniform) and assumes E[φ(λ_a) | y] = α_a·φ(y); then O_ab = E⟨φ(λ_a), φ(λ_b)⟩ = β_a·β_b (β_a =
       α_a·√s, s = E‖φ(y)‖²), β_a² = O_ab·O_ac/O_bc, and E d²_a = E‖φ(λ_a)‖² − 2β_a√s + s. Exact for
@@ -104,16 +105,18 @@ class MetricLabelModel:
     LF in no usable triplet gets the median θ of the others. Fewer than 3 voting LFs raise ValueError.
     """
 
-    def __init__(self, metric, aggregate: str = "median", identity: str = "additive",
+    def __init__(self, metric, aggregate: str = "median", identity: str = "auto",
                  clip: tuple[float, float] = (1e-3, 1.0), min_overlap: int = 1):
         if aggregate not in ("median", "mean"):
             raise ValueError(f"aggregate: expected 'median' or 'mean', got {aggregate!r}")
-        if identity not in ("additive", "inner", "model"):
-            raise ValueError(f"identity: expected 'additive', 'inner' or 'model', got {identity!r}")
+        if identity not in ("auto", "additive", "inner", "model"):
+            raise ValueError(f"identity: expected 'auto', 'additive', 'inner' or 'model', got {identity!r}")
         if not (0 < clip[0] < clip[1]):
             raise ValueError(f"clip: expected 0 < lo < hi, got {clip}")
         self.metric = as_metric(metric)
         self.num_labels = int(self.metric.num_labels)
+        if identity == "auto":
+            identity = "model" if self.num_labels <= _MODEL_MAX else "additive"
         self.aggregate, self.identity, self.clip, self.min_overlap = aggregate, identity, clip, min_overlap
         self.theta_ = None
         self.expected_sq_dists_ = None
