@@ -274,7 +274,9 @@ class MetricLabelModel:
         return float(D.sum() / max(1, K * (K - 1))) if K > 1 else 1.0
 
     def accuracies(self) -> torch.Tensor:
-        """θ (m,): the estimated accuracy of each LF, θ_a = 1/E d²(λ_a, y) (0 for LFs that never vote)."""
+        """θ (m,): the estimated accuracy of each LF, 0 for LFs that never vote: the model's own θ_a in
+        p(λ_a | y) ∝ exp(−θ_a·d²(λ_a, y)) under identity "model" (the default up to 1024 labels), else
+        θ_a = 1/E d²(λ_a, y). E d² itself is in expected_sq_dists_."""
         self._check_fitted()
         return self.theta_
 
