@@ -260,6 +260,34 @@ def test_gradcheck_across_chunks_and_packed_sequences():
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_chunked_form_equals_the_kernels_on_random_layouts(seed, monkeypatch):
+    """Random sizes around the chunk (L = 63, 64, 65, 128, 129, ...), groups, optional D / z / dt_bias /
+    initial states and random packed sequences: outputs, states and every gradient of the chunked
+    form against the recurrence kernels in float64."""
+    g = torch.Generator().manual_seed(100 + seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]
+    groups = pick([1, 2])
+    shape = dict(batch=pick([1, 2, 3]), L=pick([63, 64, 65, 127, 128, 129, 200]), heads=groups * pick([1, 2, 3]),
+                 headdim=pick([1, 4]), groups=groups, N=pick([1, 5, 16]), D=pick(["head", "channel", None]),
+                 z=pick([True, False]), bias=pick([True, False]), initial=pick([True, False]))
+    inputs = {k: None if v is None else v.double() for k, v in make(**shape, seed=seed).items()}
+    batch, L = shape["batch"], shape["L"]
+    starts = torch.rand(batch, L, generator=g) < pick([0.0, 0.02, 0.2])
+    seq_idx = starts.long().cumsum(1) * pick([1, -1]) if starts.any() else None
+
+    def everything(impl):
+        monkeypatch.setenv("SHAMMIE_SSD_IMPL", impl)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+        out, state = shammie.mamba_chunk_scan_combined(**leaves, chunk_size=64, seq_idx=seq_idx, dt_softplus=True,
+                                                       return_final_states=True)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        return [out, state, *torch.autograd.grad((out * w).sum() + state.square().sum(), list(leaves.values()))]
+
+    for got, expected in zip(everything("chunked"), everything("kernel")):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("forward_impl,backward_impl", [("kernel", "chunked"), ("chunked", "kernel")])
 def test_either_backward_follows_either_forward(forward_impl, backward_impl, monkeypatch):
     """The forwards write the same checkpoints, so the backward ops of both implementations accept them."""
