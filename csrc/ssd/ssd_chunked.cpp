@@ -43,6 +43,7 @@ namespace shammie::ssd {
 namespace {
 
 constexpr int64_t kChunk = 64;   // Q: steps per chunk
+constexpr int64_t kChunkedMinRowsCuda = int64_t(1) << 14;   // auto's threshold on CUDA (chosen_impl)
 static_assert(kInterval % kChunk == 0, "checkpoints must fall on chunk starts");
 
 // Sizes of the chunked layouts. Heads split as (group, head in group), so that a group's B and C
@@ -340,9 +341,9 @@ SsdArgs rows_of(const SsdArgs& a, int64_t b0, int64_t n) {
   return r;
 }
 
-// Batch rows per slice, so that each (rows, seqlen, heads, Q) temporary stays within
-// SHAMMIE_SSD_CHUNKED_MB MiB (default 256; the backward holds about ten of them at once).
-int64_t rows_per_slice(const SsdArgs& a) {
+// The cap on each (rows, seqlen, heads, Q) temporary: SHAMMIE_SSD_CHUNKED_MB MiB (default 256; the
+// backward holds about ten of them at once).
+int64_t temporary_cap_bytes() {
   const char* cap = std::getenv("SHAMMIE_SSD_CHUNKED_MB");
   int64_t mib = 256;
   if (cap != nullptr && *cap != '\0') {
@@ -351,8 +352,17 @@ int64_t rows_per_slice(const SsdArgs& a) {
     SHAMMIE_CHECK_VALUE(*end == '\0' && mib > 0, "SHAMMIE_SSD_CHUNKED_MB must be a positive integer (MiB), got '",
                         cap, "'");
   }
-  const int64_t per_row = Shape(a).nc * a.heads * kChunk * kChunk * static_cast<int64_t>(a.A.element_size());
-  return std::clamp<int64_t>((mib << 20) / per_row, 1, a.batch);
+  return mib << 20;
+}
+
+// One batch row's share of such a temporary.
+int64_t temporary_bytes_per_row(const SsdArgs& a) {
+  return Shape(a).nc * a.heads * kChunk * kChunk * static_cast<int64_t>(a.A.element_size());
+}
+
+// Batch rows per slice, so that each temporary stays within the cap (one row at least).
+int64_t rows_per_slice(const SsdArgs& a) {
+  return std::clamp<int64_t>(temporary_cap_bytes() / temporary_bytes_per_row(a), 1, a.batch);
 }
 
 }  // namespace
@@ -363,11 +373,18 @@ Impl chosen_impl(const SsdArgs& a) {
   // The varlen states of cu_seqlens (a state at arbitrary steps) are the kernels' alone.
   if (a.num_seqs > 0) return Impl::kKernel;
   if (forced) return static_cast<Impl>(*forced);
-  // Under torch.use_deterministic_algorithms the CUDA kernels' backward (float atomics) may not run,
-  // and the chunked form is deterministic.
-  if (a.x.is_cuda() && at::globalContext().deterministicAlgorithms()) return Impl::kChunked;
-  // auto: the kernels, which win on the CPU (benchmarks/RESULTS.md); no GPU has timed the chunked form yet.
-  return Impl::kKernel;
+  // CPU: the kernels, which win there at every measured shape (benchmarks/RESULTS.md, session 15).
+  if (!a.x.is_cuda()) return Impl::kKernel;
+  // CUDA: the chunked form from kChunkedMinRowsCuda (batch · seqlen · heads), and always under
+  // torch.use_deterministic_algorithms (the kernels' backward sums with float atomics). The threshold
+  // comes from floors, not yet from a GPU timing: the kernels ran 22 ms forward and about 100 ms
+  // backward at 8 · 2048 · 24 on an H200, about 56 ns per (b, t, h) forward, where the chunked form
+  // is a few dozen launches plus GEMMs (RESULTS.md, session 15).
+  if (at::globalContext().deterministicAlgorithms()) return Impl::kChunked;
+  // Not where one batch row alone passes the temporaries' cap (a long sequence): the kernels hold
+  // only their checkpoints.
+  if (temporary_bytes_per_row(a) > temporary_cap_bytes()) return Impl::kKernel;
+  return a.batch * a.seqlen * a.heads >= kChunkedMinRowsCuda ? Impl::kChunked : Impl::kKernel;
 }
 
 void forward_chunked(const SsdForwardArgs& args) {

@@ -123,7 +123,8 @@ struct SsdBackwardArgs {
 
 // Two implementations: the recurrence kernels of each device (ssd_scan_cpu_kernels.cpp,
 // ssd_scan_cuda.cuh), and the chunked matrix-product form (ssd_chunked.cpp, ATen ops on either device).
-// SHAMMIE_SSD_IMPL=kernel|chunked forces one; the varlen states of cu_seqlens always take the kernels.
+// SHAMMIE_SSD_IMPL=kernel|chunked forces one; the varlen states of cu_seqlens always take the kernels;
+// auto: chosen_impl in ssd_chunked.cpp.
 enum class Impl { kKernel, kChunked };   // in SHAMMIE_SSD_IMPL's order of names
 Impl chosen_impl(const SsdArgs& a);
 void forward_chunked(const SsdForwardArgs& args);
