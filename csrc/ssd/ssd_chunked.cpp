@@ -120,7 +120,7 @@ Cuts cuts(const at::Tensor& seq_idx, const Shape& s, at::ScalarType acc) {
           spread(seg.eq(last)), spread(starts_c.eq(0))};
 }
 
-// Z[t,s] = ℓ_{s+1} + … + ℓ_t for s ≤ t (0 on the diagonal, the upper triangle is junk): the decay
+// Z[t,s] = ℓ_{s+1} + … + ℓ_t for s < t, 0 for s ≥ t (E masks the upper triangle anyway): the decay
 // exponents of E summed directly, not as differences of cumulative sums, which lose the digits that
 // set small decays in float32.
 at::Tensor segment_sums(const at::Tensor& log_decay) {
