@@ -120,28 +120,36 @@ Cuts cuts(const at::Tensor& seq_idx, const Shape& s, at::ScalarType acc) {
           spread(seg.eq(last)), spread(starts_c.eq(0))};
 }
 
-// Z[t,s] = ℓ_{s+1} + … + ℓ_t for s < t, 0 for s ≥ t (E masks the upper triangle anyway): the decay
-// exponents of E summed directly, not as differences of cumulative sums, which lose the digits that
-// set small decays in float32.
-at::Tensor segment_sums(const at::Tensor& log_decay) {
-  const at::Tensor strictly_lower = at::ones({kChunk, kChunk}, log_decay.options().dtype(at::kBool)).tril(-1);
-  return log_decay.unsqueeze(-1).expand({-1, -1, -1, -1, kChunk, kChunk}).masked_fill(strictly_lower.logical_not(), 0)
-      .cumsum(-2);
+// Sums along a chunk's steps as products with 0/1 triangles (Q × Q), not cumsum: torch has no
+// deterministic float cumsum on CUDA (it raises under torch.use_deterministic_algorithms), and a
+// GEMM this small costs nothing next to the chunk's others.
+struct Triangles {
+  at::Tensor upto;     // [r, t] = (r ≤ t): v·upto sums steps up to t
+  at::Tensor before;   // [r, t] = (r < t): v·before sums steps before t
+  at::Tensor from;     // [r, t] = (r ≥ t): v·from sums steps from t on
+  explicit Triangles(const at::TensorOptions& options) {
+    const at::Tensor ones = at::ones({kChunk, kChunk}, options);
+    upto = ones.triu();
+    before = ones.triu(1);
+    from = ones.tril();
+  }
+};
+
+// Z[t,s] = ℓ_{s+1} + … + ℓ_t for s < t, 0 for s ≥ t: the decay exponents of E summed directly, not
+// as differences of cumulative sums, which lose the digits that set small decays in float32.
+// Built transposed, Zᵀ[s,t] = Σ_r ℓ_r·(s < r)·(r ≤ t), so that the product folds every chunk into
+// one GEMM.
+at::Tensor segment_sums(const at::Tensor& log_decay, const Triangles& tri) {
+  const at::Tensor after_s = tri.before.to(at::kBool);   // [s, r] = (s < r)
+  const at::Tensor steps = log_decay.unsqueeze(-2).expand({-1, -1, -1, -1, kChunk, kChunk});   // [s, r] = ℓ_r
+  return steps.masked_fill(after_s.logical_not(), 0).matmul(tri.upto).transpose(-1, -2);
 }
 
-// Σ_{t' ≥ t} v[t'] along the last dim.
-at::Tensor reverse_cumsum(const at::Tensor& v) { return v.flip({-1}).cumsum(-1).flip({-1}); }
-
-// Σ_{t' < t} v[t'] along the last dim.
-at::Tensor exclusive_cumsum(const at::Tensor& v) { return v.cumsum(-1) - v; }
-
 // The gradient of ℓ_r through Z: ℓ_r is in Z[t,s] exactly when s < r ≤ t, so it collects
-// Σ_{t ≥ r} Σ_{s < r} dZ[t,s] (a sum over the block left of and below the diagonal entry (r, r)),
-// summed directly rather than as row sums minus column sums, which cancel.
-at::Tensor spanning_sums(const at::Tensor& dZ) {
-  const at::Tensor left = exclusive_cumsum(dZ);                           // [t, r]: Σ_{s < r} dZ[t,s]
-  const at::Tensor below = left.flip({-2}).cumsum(-2).flip({-2});          // [t, r]: Σ_{t' ≥ t} left[t', r]
-  return below.diagonal(0, -2, -1);
+// Σ_{t ≥ r} Σ_{s < r} dZ[t,s], summed directly rather than as row sums minus column sums, which cancel.
+at::Tensor spanning_sums(const at::Tensor& dZ, const Triangles& tri) {
+  const at::Tensor left = dZ.matmul(tri.before);     // [t, r]: Σ_{s < r} dZ[t,s]
+  return (left * tri.from).sum(-2);                   // Σ over t ≥ r
 }
 
 // The forward's chunk products, which the backward recomputes.
@@ -188,7 +196,8 @@ Chunked chunked_forward(const SsdArgs& a) {
   c.A = a.A.view({1, 1, s.G, s.hpg, 1});
   at::Tensor log_decay = c.dt * c.A;
   if (c.cut) log_decay = log_decay * c.cut->not_start;
-  const at::Tensor exponents = segment_sums(log_decay);
+  const Triangles tri(a.A.options());
+  const at::Tensor exponents = segment_sums(log_decay, tri);
 
   at::Tensor keep = at::ones({kChunk, kChunk}, a.x.options().dtype(at::kBool)).tril();
   if (c.cut) keep = keep.logical_and(c.cut->same);
@@ -196,7 +205,7 @@ Chunked chunked_forward(const SsdArgs& a) {
   c.CB = c.C.matmul(c.B.transpose(-1, -2)).unsqueeze(3);
   c.M = c.E * c.CB * c.dt.unsqueeze(-2);
 
-  c.e_in = log_decay.cumsum(-1).exp();
+  c.e_in = log_decay.matmul(tri.upto).exp();
   at::Tensor ew = exponents.select(-2, kChunk - 1).exp();   // exp(Λ_last − Λ_s)
   if (c.cut) {
     c.e_in = c.e_in * c.cut->carry_in;
@@ -305,7 +314,8 @@ void backward_rows(const SsdBackwardArgs& args) {
   at::Tensor ddt = (dM_E * c.CB).sum(-2) + dw * c.ew;
   // ℓ_r enters E[t,s] for s < r ≤ t (dE∘E = dM∘M), e_in[t] = exp(ℓ_t0 + … + ℓ_t) for r ≤ t, and
   // w_s = exp(ℓ_{s+1} + … + ℓ_last)·dt_s for s < r.
-  at::Tensor dlog_decay = spanning_sums(dM * c.M) + reverse_cumsum(de_in * c.e_in) + exclusive_cumsum(dw * c.w);
+  const Triangles tri(a.A.options());
+  at::Tensor dlog_decay = spanning_sums(dM * c.M, tri) + (de_in * c.e_in).matmul(tri.from) + (dw * c.w).matmul(tri.before);
   if (c.cut) dlog_decay = dlog_decay * c.cut->not_start;
   ddt = ddt + dlog_decay * c.A;
   args.dA.add_((dlog_decay * c.dt).sum({0, 1, 4}).view(args.dA.sizes()));
