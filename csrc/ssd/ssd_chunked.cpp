@@ -19,14 +19,16 @@
 //   dX = Mᵀ·dY + diag(w)·B·dS_outᵀ,   dM = dY·Xᵀ,   dC = (dM∘E∘dt)·B + diag(e_in)·dY·S_in,
 //   dB = (dM∘E∘dt)ᵀ·C + diag(w)·X·dS_out,   dℓ_r from the entries of E, e_in and w that hold ℓ_r;
 //   dt gets dℓ·A plus its direct uses in M and w.
-// The per-sequence final states of cu_seqlens (varlen states) are not produced here: chosen_impl
-// leaves those calls on the kernels. Batch rows run in slices when the temporaries would pass
-// SHAMMIE_SSD_CHUNKED_MB (rows_per_slice).
+// The per-sequence final states of cu_seqlens (varlen states) are gathered from the same products
+// (varlen_terms). Batch rows run in slices when the temporaries would pass SHAMMIE_SSD_CHUNKED_MB
+// (rows_per_slice).
 #include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addcmul.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/softplus.h>
 #include <ATen/ops/softplus_backward.h>
 #include <ATen/ops/zeros.h>
@@ -244,12 +246,108 @@ at::Tensor gated(const at::Tensor& y, const std::optional<at::Tensor>& z) {
   return y * zf * zf.sigmoid();
 }
 
+// Packed sequences' final states (cu_seqlens, batch 1): sequence j ends at step t_j, row r_j of
+// chunk c_j, where its state is
+//   S_j = e_in[t_j]·S_in[c_j] + Xᵀ·diag(W_j)·B over chunk c_j,   W_j[s] = E[r_j, s]·dt_s
+// (E is zero outside t_j's sequence and after t_j). Gathers by index_select; sums back into chunks
+// by one-hot products, which stay deterministic where index_add on CUDA is not.
+struct SeqEnds {
+  int64_t count = 0;
+  at::Tensor seqs, chunks, rows;   // (J,) int64 on the device: sequence id, its last step's chunk and row
+  at::Tensor steps;                // (J,): chunk · Q + row, to pick per-step rows
+};
+
+SeqEnds seq_ends(const SsdArgs& a) {
+  SeqEnds e;
+  for (const int64_t t : a.seq_ends) e.count += t >= 0;
+  if (e.count == 0) return e;
+  const auto host = at::TensorOptions().dtype(at::kLong);
+  at::Tensor seqs = at::empty({e.count}, host), steps = at::empty({e.count}, host);
+  int64_t j = 0;
+  for (int64_t id = 0; id < static_cast<int64_t>(a.seq_ends.size()); ++id) {
+    if (a.seq_ends[id] < 0) continue;
+    seqs.data_ptr<int64_t>()[j] = id;
+    steps.data_ptr<int64_t>()[j++] = a.seq_ends[id];
+  }
+  e.seqs = seqs.to(a.x.device());
+  e.steps = steps.to(a.x.device());
+  e.chunks = e.steps.div(kChunk, "floor");
+  e.rows = e.steps - e.chunks * kChunk;
+  return e;
+}
+
+// Batch row 0 of a (1, nc, …) chunked tensor at each sequence's chunk: (J, …).
+at::Tensor at_chunks(const at::Tensor& chunked, const SeqEnds& e) { return chunked.select(0, 0).index_select(0, e.chunks); }
+
+// Batch row 0 of a per-step tensor (1, nc, G, hpg, Q, …) at each sequence's last step: (J, G, hpg, …).
+at::Tensor at_steps(const at::Tensor& per_step, const SeqEnds& e) {
+  const at::Tensor steps_first = per_step.select(0, 0).movedim(3, 1);   // (nc, Q, G, hpg, …)
+  std::vector<int64_t> shape = steps_first.sizes().vec();
+  shape.erase(shape.begin());
+  shape[0] = -1;                                                         // (nc·Q, G, hpg, …)
+  return steps_first.reshape(shape).index_select(0, e.steps);
+}
+
+// Σ_j contrib[j] into chunk c_j of batch row 0: (1, nc, …) shaped like contrib's rows.
+at::Tensor into_chunks(const at::Tensor& contrib, const SeqEnds& e, int64_t nc) {
+  const at::Tensor onehot = at::arange(nc, e.chunks.options()).unsqueeze(1).eq(e.chunks.unsqueeze(0));
+  std::vector<int64_t> shape = contrib.sizes().vec();
+  shape[0] = nc;
+  return onehot.to(contrib.scalar_type()).matmul(contrib.reshape({e.count, -1})).view(shape).unsqueeze(0);
+}
+
+// A (J, …, Q) per-step contribution that sits at row r_j only: v (J, …) spread over the chunk's rows.
+at::Tensor at_row(const at::Tensor& v, const SeqEnds& e) {
+  const at::Tensor onehot = at::arange(kChunk, e.rows.options()).unsqueeze(0).eq(e.rows.unsqueeze(1));   // (J, Q)
+  std::vector<int64_t> shape(v.dim() + 1, 1);
+  shape[0] = e.count;
+  shape.back() = kChunk;
+  return v.unsqueeze(-1) * onehot.to(v.scalar_type()).view(shape);
+}
+
+// The pieces of the varlen states that their backward reuses.
+struct VarlenTerms {
+  SeqEnds e;
+  at::Tensor e_sel;     // (J, G, hpg): e_in at t_j
+  at::Tensor E_rows;    // (J, G, hpg, Q): E[r_j, :]
+  at::Tensor W;         // (J, G, hpg, Q): E_rows·dt
+  at::Tensor x, xw;     // (J, G, Q, hpg, P): chunk c_j's rows, and times W
+  at::Tensor B;         // (J, G, Q, N)
+  at::Tensor S_in;      // (J, G, hpg·P, N)
+  at::Tensor states;    // (J, G, hpg·P, N): S_j
+};
+
+VarlenTerms varlen_terms(const Chunked& c, const SsdArgs& a) {
+  const Shape& s = c.s;
+  VarlenTerms v{seq_ends(a)};
+  if (v.e.count == 0) return v;
+  v.e_sel = at_steps(c.e_in, v.e);
+  v.E_rows = at_steps(c.E, v.e);
+  v.W = v.E_rows * at_chunks(c.dt, v.e);
+  v.x = at_chunks(c.x, v.e);
+  v.xw = v.x * v.W.transpose(-1, -2).unsqueeze(-1);
+  v.B = at_chunks(c.B, v.e);
+  v.S_in = at_chunks(c.S_in, v.e);
+  const int64_t J = v.e.count;
+  v.states = at::addcmul(flat(v.xw).transpose(-1, -2).matmul(v.B).view({J, s.G, s.hpg, s.P, s.N}),
+                         v.S_in.view({J, s.G, s.hpg, s.P, s.N}), v.e_sel.unsqueeze(-1).unsqueeze(-1))
+                 .view({J, s.G, s.hpg * s.P, s.N});
+  return v;
+}
+
 void forward_rows(const SsdForwardArgs& args) {
   const SsdArgs& a = args.in;
   const Chunked c = chunked_forward(a);
   const Shape& s = c.s;
   args.out.copy_(gated(c.y, a.z));
   args.final_state.copy_(c.final_state.view(args.final_state.sizes()));
+  if (a.num_seqs > 0) {
+    const VarlenTerms v = varlen_terms(c, a);
+    if (v.e.count > 0) {
+      at::Tensor varlen = args.varlen_states;   // zero-filled: empty sequences keep zeros
+      varlen.index_copy_(0, v.e.seqs, v.states.view({v.e.count, s.G * s.hpg, s.P, s.N}));
+    }
+  }
   // Checkpoint k is the state before step k·kInterval: chunk k·kInterval/Q's start state.
   const int64_t every = kInterval / kChunk, n_cp = a.checkpoints.size(2);
   const at::Tensor starts = c.S_in.view({s.b, s.nc, s.G * s.hpg, s.P, s.N}).slice(1, 0, (n_cp - 1) * every + 1, every);
@@ -278,7 +376,20 @@ void backward_rows(const SsdBackwardArgs& args) {
 
   // The state's gradient, passed back from chunk to chunk: dS_out[k] = dS_in[k + 1], and
   // dS_in[k] = e_in[k][last]·dS_out[k] + (diag(e_in)·dY)ᵀ·C.
-  const at::Tensor from_outputs = flat(dY_e).transpose(-1, -2).matmul(c.C);
+  at::Tensor from_outputs = flat(dY_e).transpose(-1, -2).matmul(c.C);
+  // The varlen states' gradients g_j, where S_j depends on S_in[c_j], e_in[t_j], chunk c_j's x, B and
+  // dt, and the decays in E[r_j, :].
+  const VarlenTerms v = args.grad_varlen ? varlen_terms(c, a) : VarlenTerms{};
+  at::Tensor g, B_g, dW;
+  if (v.e.count > 0) {
+    const int64_t J = v.e.count;
+    g = args.grad_varlen->index_select(0, v.e.seqs).view({J, s.G, s.hpg * s.P, s.N});
+    const at::Tensor to_start = (g.view({J, s.G, s.hpg, s.P, s.N}) * v.e_sel.unsqueeze(-1).unsqueeze(-1))
+                                    .view({J, s.G, s.hpg * s.P, s.N});
+    from_outputs = from_outputs + into_chunks(to_start, v.e, s.nc);
+    B_g = v.B.matmul(g.transpose(-1, -2)).view({J, s.G, kChunk, s.hpg, s.P});   // (J, G, Q, hpg, P)
+    dW = (v.x * B_g).sum(-1).transpose(-1, -2);                                  // (J, G, hpg, Q)
+  }
   at::Tensor dS_out = at::empty({s.b, s.nc, s.G, s.hpg * s.P, s.N}, a.A.options());
   if (args.grad_final) dS_out.select(1, s.nc - 1).copy_(args.grad_final->view({s.b, s.G, s.hpg * s.P, s.N}));
   else dS_out.select(1, s.nc - 1).zero_();
@@ -299,13 +410,19 @@ void backward_rows(const SsdBackwardArgs& args) {
   const at::Tensor dM = dY_heads.matmul(c.x_heads.transpose(-1, -2));
   // S_out ∋ Xᵀ·diag(w)·B: dX, dB and dw, each GEMM over all of a group's heads.
   const at::Tensor B_dS = c.B.matmul(dS_out.transpose(-1, -2)).view({s.b, s.nc, s.G, kChunk, s.hpg, s.P});
-  const at::Tensor dX = dX_intra.transpose(3, 4) + beside_rows(c.w) * B_dS;
+  at::Tensor dX = dX_intra.transpose(3, 4) + beside_rows(c.w) * B_dS;
   at::Tensor dB = flat(c.xw).matmul(dS_out);
   const at::Tensor dw = (c.x * B_dS).sum(-1).transpose(-1, -2);
   // Y ∋ diag(e_in)·C·S_inᵀ, and S_out ∋ e_in[last]·S_in: dC, de_in.
   at::Tensor dC = flat(dY_e).matmul(c.S_in);
   at::Tensor de_in = (dY * c.inter).sum(-1).transpose(-1, -2);
   de_in.select(-1, kChunk - 1).add_((dS_out * c.S_in).view({s.b, s.nc, s.G, s.hpg, s.P * s.N}).sum(-1));
+  if (v.e.count > 0) {
+    const at::Tensor to_e = (g * v.S_in).view({v.e.count, s.G, s.hpg, s.P * s.N}).sum(-1);   // (J, G, hpg)
+    de_in = de_in + into_chunks(at_row(to_e, v.e), v.e, s.nc);
+    dX = dX + into_chunks(v.W.transpose(-1, -2).unsqueeze(-1) * B_g, v.e, s.nc);
+    dB = dB + into_chunks(flat(v.xw).matmul(g), v.e, s.nc);
+  }
   // M = E∘(C·Bᵀ)∘dt_s: dC, dB through C·Bᵀ (summed over the group's heads), and dt's direct use.
   const at::Tensor dM_E = dM * c.E;
   const at::Tensor dCB = (dM_E * c.dt.unsqueeze(-2)).sum(3);
@@ -316,6 +433,12 @@ void backward_rows(const SsdBackwardArgs& args) {
   // w_s = exp(ℓ_{s+1} + … + ℓ_last)·dt_s for s < r.
   const Triangles tri(a.A.options());
   at::Tensor dlog_decay = spanning_sums(dM * c.M, tri) + (de_in * c.e_in).matmul(tri.from) + (dw * c.w).matmul(tri.before);
+  if (v.e.count > 0) {
+    // W_j = E[r_j, :]·dt: dt's direct use, and ℓ_r for s < r ≤ r_j through E's row (dE∘E = dW∘W).
+    ddt = ddt + into_chunks(dW * v.E_rows, v.e, s.nc);
+    const at::Tensor upto_row = at_row(at::ones_like(v.e_sel), v.e).matmul(tri.from);   // [r] = (r ≤ r_j)
+    dlog_decay = dlog_decay + into_chunks((dW * v.W).matmul(tri.before) * upto_row, v.e, s.nc);
+  }
   if (c.cut) dlog_decay = dlog_decay * c.cut->not_start;
   ddt = ddt + dlog_decay * c.A;
   args.dA.add_((dlog_decay * c.dt).sum({0, 1, 4}).view(args.dA.sizes()));
@@ -380,8 +503,6 @@ int64_t rows_per_slice(const SsdArgs& a) {
 Impl chosen_impl(const SsdArgs& a) {
   // Read first, so that a bad value is an error on every call.
   const std::optional<int> forced = impl_override("SHAMMIE_SSD_IMPL", {"kernel", "chunked"});
-  // The varlen states of cu_seqlens (a state at arbitrary steps) are the kernels' alone.
-  if (a.num_seqs > 0) return Impl::kKernel;
   if (forced) return static_cast<Impl>(*forced);
   // CPU: the kernels, which win there at every measured shape (benchmarks/RESULTS.md, session 15).
   if (!a.x.is_cuda()) return Impl::kKernel;

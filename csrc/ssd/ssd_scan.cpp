@@ -60,9 +60,12 @@ void add_packing(SsdArgs& a, const at::Tensor& cu_seqlens, const at::Tensor& x) 
   at::Tensor slot = at::full({1, L}, -1, host_long), ids = at::empty({1, L}, host_long);
   int64_t* slot_of = slot.data_ptr<int64_t>();
   int64_t* id = ids.data_ptr<int64_t>();
+  a.seq_ends.assign(num_seqs, -1);
   for (int64_t s = 0; s < num_seqs; ++s) {
     std::fill(id + c[s], id + c[s + 1], s);
-    if (c[s + 1] > c[s]) slot_of[c[s + 1] - 1] = s;
+    if (c[s + 1] == c[s]) continue;   // empty: its state stays zero
+    a.seq_ends[s] = c[s + 1] - 1;
+    slot_of[c[s + 1] - 1] = s;
   }
   if (a.seq_idx) {
     const at::Tensor given = a.seq_idx->to(at::kCPU);

@@ -21,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 #include "common/host_device.h"
 
@@ -47,6 +48,7 @@ struct SsdArgs {
   std::optional<at::Tensor> seq_idx;          // (batch, L) int64: packed sequences
   std::optional<at::Tensor> state_slot;       // (batch, L) int64: the sequence ending at step t, or −1
   int64_t num_seqs = 0;                       // varlen states (cu_seqlens' length − 1; 0 without it)
+  std::vector<int64_t> seq_ends;              // host copy: each sequence's last step, or −1 when empty
   at::Tensor checkpoints;                     // (batch, H, num_checkpoints, P, N): k holds the state
                                               // before step k·kInterval (k = 0: the initial state)
   int64_t heads_per_group() const { return heads / groups; }
@@ -123,8 +125,7 @@ struct SsdBackwardArgs {
 
 // Two implementations: the recurrence kernels of each device (ssd_scan_cpu_kernels.cpp,
 // ssd_scan_cuda.cuh), and the chunked matrix-product form (ssd_chunked.cpp, ATen ops on either device).
-// SHAMMIE_SSD_IMPL=kernel|chunked forces one; the varlen states of cu_seqlens always take the kernels;
-// auto: chosen_impl in ssd_chunked.cpp.
+// SHAMMIE_SSD_IMPL=kernel|chunked forces one; auto: chosen_impl in ssd_chunked.cpp.
 enum class Impl { kKernel, kChunked };   // in SHAMMIE_SSD_IMPL's order of names
 Impl chosen_impl(const SsdArgs& a);
 void forward_chunked(const SsdForwardArgs& args);
