@@ -1,7 +1,9 @@
 """Timing and reporting shared by the benchmarks: one Case per (op, shape, dtype), timed side by
 side with its peer in the same process, forward and forward+backward.
 
-CPU times come from torch.utils.benchmark (median of blocked runs); CUDA times from
+CPU times come from torch.utils.benchmark (median of blocked runs), in CPU_ROUNDS rounds that
+alternate ours, the peer and the baseline, each side keeping its best round: on a shared machine a
+burst of load then hits both sides rather than whichever was running. CUDA times from
 triton.testing.do_bench (median, after warm-up), or CUDA events when triton is missing.
 """
 
@@ -32,6 +34,9 @@ class Case:
     baseline_name: str = ""
     backward: bool = True                                  # False for ops without autograd (decode steps)
     memory: bool = False                                   # also report each side's peak extra memory (forward)
+
+
+CPU_ROUNDS = 3
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
@@ -117,11 +122,17 @@ def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
     row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
            "device": str(device), "peer": case.peer_name}
     timed = [("ours", case.ours), ("peer", case.peer)] + ([("base", case.baseline)] if case.baseline else [])
-    for label, fn in timed:
-        with torch.no_grad():
-            row[f"{label}_fwd_s"] = median_seconds(lambda: fn(*inputs), device, min_run_time)
-        row[f"{label}_fwdbwd_s"] = (median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time)
-                                    if case.backward else float("nan"))
+    rounds = 1 if device.type == "cuda" else CPU_ROUNDS
+    for round_ in range(rounds):
+        for label, fn in timed:
+            with torch.no_grad():
+                fwd = median_seconds(lambda: fn(*inputs), device, min_run_time / rounds)
+            fwdbwd = (median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time / rounds)
+                      if case.backward else float("nan"))
+            if round_ == 0 or fwd < row[f"{label}_fwd_s"]:
+                row[f"{label}_fwd_s"] = fwd
+            if round_ == 0 or fwdbwd < row[f"{label}_fwdbwd_s"]:
+                row[f"{label}_fwdbwd_s"] = fwdbwd
     row["speedup_fwd"] = row["peer_fwd_s"] / row["ours_fwd_s"]
     if case.memory:
         for label, fn in timed[:2]:
@@ -173,7 +184,7 @@ def format_table(rows: Sequence[dict]) -> str:
     with_base = [r for r in rows if "baseline" in r]
     if with_base:
         out.append("")
-        out.append("overhead over the base layer, fwd+bwd (layer time - base time, each a median of few runs; when the "
+        out.append("overhead over the base layer, fwd+bwd (layer time - base time, each the best of a few rounds; when the "
                    "base takes seconds, as on CPU, the difference is within noise, and the adapter rows above measure "
                    "the adapter's own work):")
         for r in with_base:
