@@ -39,7 +39,7 @@ class Case:
 CPU_ROUNDS = 3
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float, warm_up: bool = True) -> float:
     if device.type == "cuda":
         try:
             import triton.testing
@@ -47,7 +47,8 @@ def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time:
             return triton.testing.do_bench(fn, warmup=25, rep=max(50, int(min_run_time * 1000))) / 1e3
         except ImportError:
             return _cuda_event_seconds(fn)
-    fn()  # warm-up
+    if warm_up:
+        fn()
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
@@ -125,9 +126,10 @@ def measure(case: Case, device: torch.device, min_run_time: float) -> dict:
     rounds = 1 if device.type == "cuda" else CPU_ROUNDS
     for round_ in range(rounds):
         for label, fn in timed:
+            first = round_ == 0   # later rounds need no warm-up
             with torch.no_grad():
-                fwd = median_seconds(lambda: fn(*inputs), device, min_run_time / rounds)
-            fwdbwd = (median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time / rounds)
+                fwd = median_seconds(lambda: fn(*inputs), device, min_run_time / rounds, first)
+            fwdbwd = (median_seconds(_forward_and_backward(fn, inputs, grad), device, min_run_time / rounds, first)
                       if case.backward else float("nan"))
             if round_ == 0 or fwd < row[f"{label}_fwd_s"]:
                 row[f"{label}_fwd_s"] = fwd
