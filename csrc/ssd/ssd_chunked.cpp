@@ -129,6 +129,7 @@ struct Triangles {
   at::Tensor upto;     // [r, t] = (r ≤ t): v·upto sums steps up to t
   at::Tensor before;   // [r, t] = (r < t): v·before sums steps before t
   at::Tensor from;     // [r, t] = (r ≥ t): v·from sums steps from t on
+  Triangles() = default;
   explicit Triangles(const at::TensorOptions& options) {
     const at::Tensor ones = at::ones({kChunk, kChunk}, options);
     upto = ones.triu();
@@ -158,6 +159,9 @@ at::Tensor spanning_sums(const at::Tensor& dZ, const Triangles& tri) {
 struct Chunked {
   Shape s;
   std::optional<Cuts> cut;
+  Triangles tri;
+  at::Tensor x_acc;       // (b, L, H, P): x in the accumulation dtype
+  at::Tensor dt_in;       // (b, L, H): dt + dt_bias, before softplus
   at::Tensor dt;          // per head and step: dt after bias and softplus
   at::Tensor x, x_heads;  // rows, step-major and head-major
   at::Tensor B, C;        // per group and step
@@ -173,35 +177,40 @@ struct Chunked {
   at::Tensor y;           // (b, L, H, P): y before the gate, D·x included
 };
 
-// dt_t after bias and softplus, (b, L, H) in the accumulation dtype.
-at::Tensor step_sizes(const SsdArgs& a) {
-  const at::Tensor v = a.dt.to(a.A.scalar_type()) + a.dt_bias;
-  return a.softplus ? at::softplus(v) : v;
-}
-
-// S (b, G, hpg·P, N) scaled per head by decay (b, G, hpg): the shapes addcmul broadcasts.
+// States (…, G, hpg·P, N) with their heads apart, and per-head factors (…, G, hpg) beside them.
 at::Tensor per_head_states(const at::Tensor& states, const Shape& s) {
-  return states.view({s.b, s.G, s.hpg, s.P, s.N});
+  return states.view({-1, s.G, s.hpg, s.P, s.N});
 }
-at::Tensor per_head_decay(const at::Tensor& decay) { return decay.unsqueeze(-1).unsqueeze(-1); }
+at::Tensor per_head_factor(const at::Tensor& factor) { return factor.unsqueeze(-1).unsqueeze(-1); }
+
+// next = base + decay·prev, per head: a state handed on to the next chunk (forward), its gradient
+// handed back (backward), or a packed sequence's state from its chunk's start.
+void decay_add(const at::Tensor& next, const at::Tensor& base, const at::Tensor& prev, const at::Tensor& decay,
+               const Shape& s) {
+  at::Tensor out = per_head_states(next, s);
+  at::addcmul_out(out, per_head_states(base, s), per_head_states(prev, s), per_head_factor(decay));
+}
 
 Chunked chunked_forward(const SsdArgs& a) {
   Chunked c{Shape(a)};
   const Shape& s = c.s;
   const auto acc = a.A.scalar_type();
   if (a.seq_idx) c.cut = cuts(*a.seq_idx, s, acc);
-  c.dt = chunk_heads(step_sizes(a), s);
-  c.x = chunk_rows(a.x.to(acc), s);
+  c.tri = Triangles(a.A.options());
+  const Triangles& tri = c.tri;
+  c.x_acc = a.x.to(acc);
+  c.dt_in = a.dt.to(acc) + a.dt_bias;
+  c.dt = chunk_heads(a.softplus ? at::softplus(c.dt_in) : c.dt_in, s);
+  c.x = chunk_rows(c.x_acc, s);
   c.x_heads = head_major(c.x);
   c.B = chunk_groups(a.B, s);
   c.C = chunk_groups(a.C, s);
   c.A = a.A.view({1, 1, s.G, s.hpg, 1});
   at::Tensor log_decay = c.dt * c.A;
   if (c.cut) log_decay = log_decay * c.cut->not_start;
-  const Triangles tri(a.A.options());
   const at::Tensor exponents = segment_sums(log_decay, tri);
 
-  at::Tensor keep = at::ones({kChunk, kChunk}, a.x.options().dtype(at::kBool)).tril();
+  at::Tensor keep = tri.from.to(at::kBool);   // s ≤ t
   if (c.cut) keep = keep.logical_and(c.cut->same);
   c.E = exponents.masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity()).exp();
   c.CB = c.C.matmul(c.B.transpose(-1, -2)).unsqueeze(3);
@@ -223,20 +232,15 @@ Chunked chunked_forward(const SsdArgs& a) {
   if (a.initial_states) c.S_in.select(1, 0).copy_(a.initial_states->view({s.b, s.G, s.hpg * s.P, s.N}));
   else c.S_in.select(1, 0).zero_();
   const at::Tensor decay_out = c.e_in.select(-1, kChunk - 1);
-  const auto step = [&](int64_t k) {   // the state after chunk k, (b, G, hpg, P, N)
-    return at::addcmul(per_head_states(chunk_states.select(1, k), s), per_head_states(c.S_in.select(1, k), s),
-                       per_head_decay(decay_out.select(1, k)));
-  };
-  for (int64_t k = 1; k < s.nc; ++k) {
-    at::Tensor next = per_head_states(c.S_in.select(1, k), s);
-    at::addcmul_out(next, per_head_states(chunk_states.select(1, k - 1), s),
-                    per_head_states(c.S_in.select(1, k - 1), s), per_head_decay(decay_out.select(1, k - 1)));
+  c.final_state = at::empty({s.b, s.G, s.hpg * s.P, s.N}, a.A.options());
+  for (int64_t k = 0; k < s.nc; ++k) {
+    const at::Tensor next = k + 1 < s.nc ? c.S_in.select(1, k + 1) : c.final_state;
+    decay_add(next, chunk_states.select(1, k), c.S_in.select(1, k), decay_out.select(1, k), s);
   }
-  c.final_state = step(s.nc - 1);
 
   c.inter = c.C.matmul(c.S_in.transpose(-1, -2)).view({s.b, s.nc, s.G, kChunk, s.hpg, s.P});
   const at::Tensor y_rows = c.M.matmul(c.x_heads).transpose(3, 4) + beside_rows(c.e_in) * c.inter;
-  c.y = unchunk_rows(y_rows, s) + a.D.view({s.G * s.hpg, s.P}) * a.x.to(acc);
+  c.y = unchunk_rows(y_rows, s) + a.D.view({s.G * s.hpg, s.P}) * c.x_acc;
   return c;
 }
 
@@ -314,11 +318,9 @@ struct VarlenTerms {
   at::Tensor x, xw;     // (J, G, Q, hpg, P): chunk c_j's rows, and times W
   at::Tensor B;         // (J, G, Q, N)
   at::Tensor S_in;      // (J, G, hpg·P, N)
-  at::Tensor states;    // (J, G, hpg·P, N): S_j
 };
 
 VarlenTerms varlen_terms(const Chunked& c, const SsdArgs& a) {
-  const Shape& s = c.s;
   VarlenTerms v{seq_ends(a)};
   if (v.e.count == 0) return v;
   v.e_sel = at_steps(c.e_in, v.e);
@@ -328,10 +330,6 @@ VarlenTerms varlen_terms(const Chunked& c, const SsdArgs& a) {
   v.xw = v.x * v.W.transpose(-1, -2).unsqueeze(-1);
   v.B = at_chunks(c.B, v.e);
   v.S_in = at_chunks(c.S_in, v.e);
-  const int64_t J = v.e.count;
-  v.states = at::addcmul(flat(v.xw).transpose(-1, -2).matmul(v.B).view({J, s.G, s.hpg, s.P, s.N}),
-                         v.S_in.view({J, s.G, s.hpg, s.P, s.N}), v.e_sel.unsqueeze(-1).unsqueeze(-1))
-                 .view({J, s.G, s.hpg * s.P, s.N});
   return v;
 }
 
@@ -344,8 +342,10 @@ void forward_rows(const SsdForwardArgs& args) {
   if (a.num_seqs > 0) {
     const VarlenTerms v = varlen_terms(c, a);
     if (v.e.count > 0) {
+      const at::Tensor states = at::empty_like(v.S_in);   // S_j
+      decay_add(states, flat(v.xw).transpose(-1, -2).matmul(v.B), v.S_in, v.e_sel, s);
       at::Tensor varlen = args.varlen_states;   // zero-filled: empty sequences keep zeros
-      varlen.index_copy_(0, v.e.seqs, v.states.view({v.e.count, s.G * s.hpg, s.P, s.N}));
+      varlen.index_copy_(0, v.e.seqs, states.view({v.e.count, s.G * s.hpg, s.P, s.N}));
     }
   }
   // Checkpoint k is the state before step k·kInterval: chunk k·kInterval/Q's start state.
@@ -359,7 +359,7 @@ void backward_rows(const SsdBackwardArgs& args) {
   const Chunked c = chunked_forward(a);
   const Shape& s = c.s;
   const auto acc = a.A.scalar_type();
-  const at::Tensor x = a.x.to(acc);
+  const Triangles& tri = c.tri;
 
   // Through the gate and D.
   at::Tensor dy = args.grad_out.to(acc);
@@ -369,7 +369,7 @@ void backward_rows(const SsdBackwardArgs& args) {
     dy = dy * z * sig;
   }
   const at::Tensor D = a.D.view({s.G * s.hpg, s.P});
-  args.dD.add_((dy * x).sum({0, 1}).view(args.dD.sizes()));   // dA, dD, ddt_bias: summed over batch slices
+  args.dD.add_((dy * c.x_acc).sum({0, 1}).view(args.dD.sizes()));   // dA, dD, ddt_bias: summed over batch slices
   const at::Tensor dY = chunk_rows(dy, s);
   const at::Tensor dY_heads = head_major(dY);
   const at::Tensor dY_e = dY * beside_rows(c.e_in);
@@ -384,8 +384,7 @@ void backward_rows(const SsdBackwardArgs& args) {
   if (v.e.count > 0) {
     const int64_t J = v.e.count;
     g = args.grad_varlen->index_select(0, v.e.seqs).view({J, s.G, s.hpg * s.P, s.N});
-    const at::Tensor to_start = (g.view({J, s.G, s.hpg, s.P, s.N}) * v.e_sel.unsqueeze(-1).unsqueeze(-1))
-                                    .view({J, s.G, s.hpg * s.P, s.N});
+    const at::Tensor to_start = (per_head_states(g, s) * per_head_factor(v.e_sel)).view_as(g);
     from_outputs = from_outputs + into_chunks(to_start, v.e, s.nc);
     B_g = v.B.matmul(g.transpose(-1, -2)).view({J, s.G, kChunk, s.hpg, s.P});   // (J, G, Q, hpg, P)
     dW = (v.x * B_g).sum(-1).transpose(-1, -2);                                  // (J, G, hpg, Q)
@@ -394,16 +393,11 @@ void backward_rows(const SsdBackwardArgs& args) {
   if (args.grad_final) dS_out.select(1, s.nc - 1).copy_(args.grad_final->view({s.b, s.G, s.hpg * s.P, s.N}));
   else dS_out.select(1, s.nc - 1).zero_();
   const at::Tensor decay_out = c.e_in.select(-1, kChunk - 1);
-  const auto back = [&](int64_t k) {   // dS_in[k], (b, G, hpg, P, N)
-    return at::addcmul(per_head_states(from_outputs.select(1, k), s), per_head_states(dS_out.select(1, k), s),
-                       per_head_decay(decay_out.select(1, k)));
+  const auto hand_back = [&](int64_t k, const at::Tensor& into) {   // dS_in[k]
+    decay_add(into, from_outputs.select(1, k), dS_out.select(1, k), decay_out.select(1, k), s);
   };
-  for (int64_t k = s.nc - 1; k > 0; --k) {
-    at::Tensor before = per_head_states(dS_out.select(1, k - 1), s);
-    at::addcmul_out(before, per_head_states(from_outputs.select(1, k), s), per_head_states(dS_out.select(1, k), s),
-                    per_head_decay(decay_out.select(1, k)));
-  }
-  if (args.dinitial_states) args.dinitial_states->copy_(back(0).view(args.dinitial_states->sizes()));
+  for (int64_t k = s.nc - 1; k > 0; --k) hand_back(k, dS_out.select(1, k - 1));
+  if (args.dinitial_states) hand_back(0, *args.dinitial_states);
 
   // Y = M·X per head: dX, dM.
   const at::Tensor dX_intra = c.M.transpose(-1, -2).matmul(dY_heads);
@@ -431,7 +425,6 @@ void backward_rows(const SsdBackwardArgs& args) {
   at::Tensor ddt = (dM_E * c.CB).sum(-2) + dw * c.ew;
   // ℓ_r enters E[t,s] for s < r ≤ t (dE∘E = dM∘M), e_in[t] = exp(ℓ_t0 + … + ℓ_t) for r ≤ t, and
   // w_s = exp(ℓ_{s+1} + … + ℓ_last)·dt_s for s < r.
-  const Triangles tri(a.A.options());
   at::Tensor dlog_decay = spanning_sums(dM * c.M, tri) + (de_in * c.e_in).matmul(tri.from) + (dw * c.w).matmul(tri.before);
   if (v.e.count > 0) {
     // W_j = E[r_j, :]·dt: dt's direct use, and ℓ_r for s < r ≤ r_j through E's row (dE∘E = dW∘W).
@@ -448,7 +441,7 @@ void backward_rows(const SsdBackwardArgs& args) {
   args.dC.copy_(unchunk_groups(dC, s));
   // Back through dt = softplus(dt_raw + dt_bias).
   at::Tensor ddt_raw = unchunk_heads(ddt, s);
-  if (a.softplus) ddt_raw = at::softplus_backward(ddt_raw, a.dt.to(acc) + a.dt_bias, 1, 20);
+  if (a.softplus) ddt_raw = at::softplus_backward(ddt_raw, c.dt_in, 1, 20);
   args.ddt.copy_(ddt_raw);
   args.ddt_bias.add_(ddt_raw.sum({0, 1}));
 }
