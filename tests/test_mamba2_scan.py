@@ -86,15 +86,33 @@ def test_forward_and_final_state_match_reference(case, dtype, device, setting):
     assert_matches_reference(state, ref_state, low_state.to(state.dtype), "final state")
 
 
-def gradients(fn, inputs, softplus, limit, seed=1):
-    """Gradients of a random linear function of (out, final state) w.r.t. every tensor input."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
-    out, state = run(fn, {**inputs, **leaves}, softplus, limit)
+def leaves_of(inputs):
+    return {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+
+
+def loss_gradients(out, state, leaves, seed):
+    """Gradients of a random linear function of (out, final state) w.r.t. each leaf."""
     g = torch.Generator().manual_seed(seed)
     w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     w_state = torch.randn(state.shape, generator=g, dtype=torch.float64).to(state.device, state.dtype)
     loss = (out.to(state.dtype) * w_out.to(state.dtype)).sum() + (state * w_state).sum()
-    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    return list(torch.autograd.grad(loss, list(leaves.values())))
+
+
+def gradients(fn, inputs, softplus, limit, seed=1):
+    """{input name: gradient} of a random linear function of (out, final state)."""
+    leaves = leaves_of(inputs)
+    out, state = run(fn, {**inputs, **leaves}, softplus, limit)
+    return dict(zip(leaves, loss_gradients(out, state, leaves, seed)))
+
+
+def scan_and_gradients(inputs, seed=1, **kwargs):
+    """[out, final state, then each input's gradient] of shammie's scan with softplus, chunk_size 64 and
+    kwargs (seq_idx, ...)."""
+    leaves = leaves_of(inputs)
+    out, state = shammie.mamba_chunk_scan_combined(**leaves, chunk_size=64, dt_softplus=True,
+                                                   return_final_states=True, **kwargs)
+    return [out, state, *loss_gradients(out, state, leaves, seed)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -278,11 +296,7 @@ def test_chunked_form_equals_the_kernels_on_random_layouts(seed, monkeypatch):
 
     def everything(impl):
         monkeypatch.setenv("SHAMMIE_SSD_IMPL", impl)
-        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
-        out, state = shammie.mamba_chunk_scan_combined(**leaves, chunk_size=64, seq_idx=seq_idx, dt_softplus=True,
-                                                       return_final_states=True)
-        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-        return [out, state, *torch.autograd.grad((out * w).sum() + state.square().sum(), list(leaves.values()))]
+        return scan_and_gradients(inputs, seed, seq_idx=seq_idx)
 
     for got, expected in zip(everything("chunked"), everything("kernel")):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
@@ -314,18 +328,10 @@ def test_chunked_form_in_batch_slices_equals_one_pass(monkeypatch):
     here 1 MiB, one row per slice (a row's (L, heads, 64) float64 temporary takes 640 KiB); the
     per-head gradients (dA, dD, dt_bias) add up across slices."""
     monkeypatch.setenv("SHAMMIE_SSD_IMPL", "chunked")
-    inputs = make(batch=5, L=300, heads=4, headdim=3, groups=2, N=16, dtype=torch.float64)
+    inputs = {k: None if v is None else v.double()
+              for k, v in make(batch=5, L=300, heads=4, headdim=3, groups=2, N=16).items()}
     seq_idx = torch.cat([packed_seq_idx(300, "chunk edges"), packed_seq_idx(300)[:1].repeat(3, 1)])
-
-    def outputs_and_grads():
-        leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items() if v is not None}
-        out, state = shammie.mamba_chunk_scan_combined(**leaves, chunk_size=64, seq_idx=seq_idx, dt_softplus=True,
-                                                       return_final_states=True)
-        g = torch.Generator().manual_seed(3)
-        loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() + \
-            (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
-        return [out, state, *torch.autograd.grad(loss, list(leaves.values()))]
-
+    outputs_and_grads = lambda: scan_and_gradients(inputs, 3, seq_idx=seq_idx)
     whole = outputs_and_grads()
     monkeypatch.setenv("SHAMMIE_SSD_CHUNKED_MB", "1")
     for got, expected in zip(outputs_and_grads(), whole):
@@ -345,14 +351,6 @@ def deterministic_mode():
     torch.use_deterministic_algorithms(False)
 
 
-def scan_gradients(inputs, seed=4):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
-    out, state = run(shammie.mamba_chunk_scan_combined, leaves, True, NO_LIMIT)
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(out.shape, generator=g).to(out)
-    return torch.autograd.grad((out * weight).sum() + state.sum(), list(leaves.values()))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_deterministic_mode_takes_the_chunked_form(deterministic_mode, monkeypatch):
     """Under torch.use_deterministic_algorithms, auto avoids the CUDA kernels' atomics: two backward
@@ -361,12 +359,12 @@ def test_cuda_deterministic_mode_takes_the_chunked_form(deterministic_mode, monk
     monkeypatch.delenv("SHAMMIE_SSD_IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*shammie.*")
-        first, second = scan_gradients(inputs), scan_gradients(inputs)
+        first, second = scan_and_gradients(inputs), scan_and_gradients(inputs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     monkeypatch.setenv("SHAMMIE_SSD_IMPL", "kernel")
     with pytest.warns(UserWarning, match="ssd_scan_backward with SHAMMIE_SSD_IMPL=kernel"):
-        scan_gradients(inputs)
+        scan_and_gradients(inputs)
 
 
 def test_unknown_implementation_is_a_clear_error(monkeypatch):
