@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: bench test build ws-peers
+.PHONY: bench test build ws-peers test-cuda-emulated
 bench: build
 	$(PY) -m shammie bench
 
@@ -15,6 +15,13 @@ test: build
 	@$(PY) -m pytest tests -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests (exit 5): treated as a failure"; fi; \
 	exit $$status
+
+# The CUDA kernels' tests on the CPU emulation of CUDA (tests/cuda_emulation; no GPU needed; slow: the
+# emulated threads switch at every barrier). EMULATED_TESTS picks the files, PYTEST_ARGS narrows them.
+EMULATED_TESTS ?= tests/test_causal_conv1d.py tests/test_selective_state_update.py tests/test_tree_frechet.py \
+	tests/test_monarch.py tests/test_selective_scan.py tests/test_mamba2_scan.py tests/test_frechet.py
+test-cuda-emulated: build
+	SHAMMIE_EMULATE_CUDA=1 $(PY) -m pytest -q $(EMULATED_TESTS) $(PYTEST_ARGS)
 
 build: $(VENV)/.shammie-deps
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

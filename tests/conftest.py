@@ -12,6 +12,14 @@ DEVICES = [
 ]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
+# SHAMMIE_EMULATE_CUDA=1: the CPU kernels are replaced by the CPU emulation of the CUDA kernels (see
+# pytest_configure below), so tolerances that depend on the CUDA kernels' order of sums apply on CPU too.
+EMULATING_CUDA = os.environ.get("SHAMMIE_EMULATE_CUDA") == "1"
+
+
+def runs_cuda_kernels(device) -> bool:
+    return torch.device(device).type == "cuda" or EMULATING_CUDA
+
 # Floor under the tolerance, relative to the output's scale: the kernel may not be worse than
 # twice the error of the same reference computed in the kernel's dtype, plus this.
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -83,3 +91,13 @@ def _surface_cuda_errors():
             sys.stderr.flush()
             os._exit(70)
         raise
+
+
+def pytest_configure(config):
+    """SHAMMIE_EMULATE_CUDA=1: shammie's CPU kernels are replaced by the CPU emulation of its CUDA kernels
+    (tests/cuda_emulation), so the CPU tests check the CUDA kernels' logic on a machine without a GPU."""
+    if EMULATING_CUDA:
+        sys.path.insert(0, str(REPO / "tests" / "cuda_emulation"))
+        import build as cuda_emulation
+
+        cuda_emulation.build()
