@@ -8,7 +8,8 @@
 // sum over the channel's lanes (plus a shared-memory sum across warps when N > 32). Variable B and
 // C are staged with the tile too, for the groups of the block's channels, so that no step waits on
 // global memory (the first GPU measurements, which read them per step, ran at 1.5% of the copy
-// bandwidth). The forward writes the state at every checkpoint interval; the backward starts from
+// bandwidth); where they do not fit in shared memory (float64 at large N on an A100 or sm_86) the
+// steps read them from global memory as before. The forward writes the state at every checkpoint interval; the backward starts from
 // those, recomputes each tile's states into registers and sweeps the tile in reverse, summing
 // variable dB / dC over the block's channels in shared memory before its global atomics.
 #pragma once
@@ -58,6 +59,7 @@ struct ScanParams {
   int64_t batch, dim, L, N, groups, per_group, n_cp, interval, staged_groups;
   int lpc, cpb;
   bool softplus;
+  bool stage_bc;          // variable B / C staged per tile in shared memory (else read from global)
   bool grads_in_shared;   // backward: variable dB / dC summed per tile in shared memory first
   const scalar_t* u;
   const scalar_t* delta;
@@ -128,7 +130,8 @@ struct Tile {
 // the tile's dB and dC sums follow in the same layout.
 template <bool kBvar, bool kCvar, typename P, typename acc_t>
 __device__ StagedBC<acc_t> staged_bc(const P& p, acc_t* dynamic) {
-  return carve_staged_bc(dynamic, p.staged_groups * kT * p.N, kBvar, kCvar, p.grads_in_shared);
+  return carve_staged_bc(dynamic, p.staged_groups * kT * p.N, kBvar && p.stage_bc, kCvar && p.stage_bc,
+                         p.grads_in_shared);
 }
 
 template <bool kBvar, bool kCvar, typename P, typename acc_t>
@@ -146,24 +149,31 @@ __device__ void load_tile(const P& p, const Place& q, int64_t t0, int steps, Til
     tile.dt[c][t] = step_size(v, acc_t(0), p.softplus);
     tile.u[c][t] = u;
   }
-  if constexpr (kBvar || kCvar) {
+  if (staged.b || staged.c) {
     // Each group's tile is contiguous in B / C ((batch, groups, L, N)): coalesced loads.
     const int64_t per_slot = int64_t(kT) * p.N;
     for (int64_t i = threadIdx.x; i < p.staged_groups * per_slot; i += blockDim.x) {
       const int64_t slot = i / per_slot, t = (i % per_slot) / p.N, g = q.g_lo + slot;
       const bool ok = g < p.groups && t < steps;
       const int64_t at = ((q.b * p.groups + g) * p.L + t0) * p.N + i % per_slot;
-      if constexpr (kBvar) staged.b[i] = ok ? p.B[at] : acc_t(0);
-      if constexpr (kCvar) staged.c[i] = ok ? p.C[at] : acc_t(0);
+      if (staged.b) staged.b[i] = ok ? p.B[at] : acc_t(0);
+      if (staged.c) staged.c[i] = ok ? p.C[at] : acc_t(0);
     }
   }
 }
 
-// B or C at step t of the staged tile (variable), or the channel's constant.
+// B or C at step t0 + t (variable: from the staged tile, or from `global` where it was not staged), or
+// the channel's constant.
 template <bool kVariable, typename P, typename acc_t>
-__device__ acc_t bc_value(const P& p, const Place& q, const acc_t* staged, acc_t constant, int t) {
-  if constexpr (kVariable) return q.state_ok ? staged[(q.slot * kT + t) * p.N + q.n] : acc_t(0);
-  else return constant;
+__device__ acc_t bc_value(const P& p, const Place& q, const acc_t* staged, const acc_t* global, acc_t constant,
+                          int64_t t0, int t) {
+  if constexpr (kVariable) {
+    if (!q.state_ok) return acc_t(0);
+    if (staged) return staged[(q.slot * kT + t) * p.N + q.n];
+    return t0 + t < p.L ? global[((q.b * p.groups + q.g) * p.L + t0 + t) * p.N + q.n] : acc_t(0);
+  } else {
+    return constant;
+  }
 }
 
 template <typename P>
@@ -194,8 +204,8 @@ __global__ void __launch_bounds__(256) scan_forward_kernel(const ScanParams<scal
 #pragma unroll 4
     for (int t = 0; t < steps; ++t) {
       const acc_t dt = tile.dt[q.c][t];
-      h = state_step(h, dt, a, bc_value<kBvar>(p, q, staged.b, b_const, t), tile.u[q.c][t]);
-      const acc_t y = lane_sum(h * bc_value<kCvar>(p, q, staged.c, c_const, t), q.width);
+      h = state_step(h, dt, a, bc_value<kBvar>(p, q, staged.b, p.B, b_const, t0, t), tile.u[q.c][t]);
+      const acc_t y = lane_sum(h * bc_value<kCvar>(p, q, staged.c, p.C, c_const, t0, t), q.width);
       if (q.n % q.width == 0) part[q.warp_in_channel * p.cpb + q.c][t] = y;
     }
     const int64_t t_end = t0 + steps;
@@ -287,7 +297,7 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
       load_tile<kBvar, kCvar>(p, q, t0, kT, tile, staged);
       __syncthreads();
       for (int t = 0; t < kT; ++t)
-        h = state_step(h, tile.dt[q.c][t], a, bc_value<kBvar>(p, q, staged.b, b_const, t), tile.u[q.c][t]);
+        h = state_step(h, tile.dt[q.c][t], a, bc_value<kBvar>(p, q, staged.b, p.B, b_const, t0, t), tile.u[q.c][t]);
       sub_start[j + 1] = h;
     }
     for (int j = subs - 1; j >= 0; --j) {
@@ -302,8 +312,8 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
 #pragma unroll
       for (int t = 0; t < kT; ++t) {
         if (t < steps) {
-          hist[t + 1] = state_step(hist[t], tile.dt[q.c][t], a, bc_value<kBvar>(p, q, staged.b, b_const, t), tile.u[q.c][t]);
-          const acc_t y = lane_sum(hist[t + 1] * bc_value<kCvar>(p, q, staged.c, c_const, t), q.width);
+          hist[t + 1] = state_step(hist[t], tile.dt[q.c][t], a, bc_value<kBvar>(p, q, staged.b, p.B, b_const, t0, t), tile.u[q.c][t]);
+          const acc_t y = lane_sum(hist[t + 1] * bc_value<kCvar>(p, q, staged.c, p.C, c_const, t0, t), q.width);
           if (q.n % q.width == 0) part_a[q.warp_in_channel * p.cpb + q.c][t] = y;
         }
       }
@@ -332,8 +342,8 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(const ScanParams<sca
       for (int t = kT - 1; t >= 0; --t) {
         if (t < steps) {
           const acc_t dt = tile.dt[q.c][t], u = tile.u[q.c][t], dy = dy_s[q.c][t];
-          const acc_t bv = bc_value<kBvar>(p, q, staged.b, b_const, t);
-          const acc_t g = G + bc_value<kCvar>(p, q, staged.c, c_const, t) * dy;
+          const acc_t bv = bc_value<kBvar>(p, q, staged.b, p.B, b_const, t0, t);
+          const acc_t g = G + bc_value<kCvar>(p, q, staged.c, p.C, c_const, t0, t) * dy;
           const acc_t decay = vexp(dt * a);
           const acc_t carried = g * hist[t] * decay;
           dA += carried * dt;
@@ -428,8 +438,9 @@ void scan_forward_cuda(const ScanForwardArgs& args) {
   p.out = args.out.mutable_data_ptr<scalar_t>();
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
     constexpr auto kernel = scan_forward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>;
-    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
-        staged_bc_bytes<acc_t>(staged_size(shape, a.dstate), Bv, Cv, false), "selective_scan");
+    const size_t staged = staged_bc_bytes<acc_t>(staged_size(shape, a.dstate), Bv, Cv, false);
+    p.stage_bc = staged <= shammie::cuda::dynamic_smem_limit<kernel>();   // else B / C from global memory
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.stage_bc ? staged : 0, "selective_scan");
     kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -458,11 +469,13 @@ void scan_backward_cuda(const ScanBackwardArgs& args) {
     // Summing dB / dC per tile in shared memory first saves global atomics only when a block holds
     // several channels (N ≤ 64: 4× fewer at N = 16); it doubles the staged bytes, so it is used only
     // where they fit.
+    // B / C themselves are staged where they fit (float64 at large N on an A100 or sm_86 does not).
     const int64_t size = staged_size(shape, a.dstate);
-    p.grads_in_shared = shape.cpb >= 2 &&
-                        staged_bc_bytes<acc_t>(size, Bv, Cv, true) <= shammie::cuda::dynamic_smem_limit<kernel>();
+    const size_t limit = shammie::cuda::dynamic_smem_limit<kernel>();
+    p.stage_bc = staged_bc_bytes<acc_t>(size, Bv, Cv, false) <= limit;
+    p.grads_in_shared = p.stage_bc && shape.cpb >= 2 && staged_bc_bytes<acc_t>(size, Bv, Cv, true) <= limit;
     const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
-        staged_bc_bytes<acc_t>(size, Bv, Cv, p.grads_in_shared), "selective_scan");
+        p.stage_bc ? staged_bc_bytes<acc_t>(size, Bv, Cv, p.grads_in_shared) : 0, "selective_scan");
     kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
