@@ -92,7 +92,6 @@ inline BlockState*& state() {
   throw std::runtime_error(m.str());
 }
 
-inline int lane_id();
 inline int linear_thread() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
 
 inline int lane_id() { return linear_thread() % 32; }
@@ -255,27 +254,25 @@ void launch(Config c, F&& call, A&&... args) {
     auto own = params;
     std::apply(call, own);
   };
-  BlockState* outer = state();
+  // What a launch changes, put back however it ends (a kernel error propagates as an exception).
+  struct Restore {
+    BlockState* state_before = state();
+    dim3 grid_before = gridDim, block_before = blockDim;
+    ~Restore() {
+      state() = state_before;
+      gridDim = grid_before;
+      blockDim = block_before;
+    }
+  } restore;
   state() = &s;
-  const dim3 saved_grid = gridDim, saved_block = blockDim;
   gridDim = c.grid;
   blockDim = c.block;
-  try {
-    for (uint64_t b = 0; b < blocks; ++b) {
-      blockIdx = dim3(unsigned(b % c.grid.x), unsigned((b / c.grid.x) % c.grid.y), unsigned(b / (uint64_t(c.grid.x) * c.grid.y)));
-      s.dynamic_smem.assign(c.smem + 16, 0xFF);
-      s.poisoned.clear();
-      run_block(s, threads);
-    }
-  } catch (...) {
-    state() = outer;
-    gridDim = saved_grid;
-    blockDim = saved_block;
-    throw;
+  for (uint64_t b = 0; b < blocks; ++b) {
+    blockIdx = dim3(unsigned(b % c.grid.x), unsigned((b / c.grid.x) % c.grid.y), unsigned(b / (uint64_t(c.grid.x) * c.grid.y)));
+    s.dynamic_smem.assign(c.smem + 16, 0xFF);
+    s.poisoned.clear();
+    run_block(s, threads);
   }
-  state() = outer;
-  gridDim = saved_grid;
-  blockDim = saved_block;
 }
 
 inline unsigned char* dynamic_shared() {
@@ -299,14 +296,12 @@ T shuffle(T v, int source_in_warp, uint32_t mask) {
   lane.source = source_in_warp;
   lane.mask = mask;
   if (!(mask >> lane_id() & 1u)) fail("a warp operation whose mask leaves out the calling lane");
-  park(Wait::kWarp);
-  Lane& me = s.lanes[size_t(s.current)];
-  me.source = -1;
+  park(Wait::kWarp);   // the lanes never move: `lane` is still this thread's
+  lane.source = -1;
   T out;
-  std::memcpy(&out, &me.received, sizeof(T));
+  std::memcpy(&out, &lane.received, sizeof(T));
   return out;
 }
-
 
 }  // namespace emu
 
