@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from shammie._autograd import once_differentiable
 from shammie._checks import batch_vector, same_dtype_and_device
 from shammie._checks import seq_idx as check_seq_idx
 
@@ -146,6 +147,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+@once_differentiable("causal_conv1d")
 def _backward(ctx, grad_out):
     x, weight, bias, seq_idx = ctx.saved_tensors
     gx, gw, gb = torch.ops.shammie.causal_conv1d_backward(grad_out, x, weight, bias, ctx.silu, seq_idx)

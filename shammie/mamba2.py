@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from shammie._autograd import once_differentiable
 from shammie._checks import cu_seqlens as check_cu_seqlens
 from shammie._checks import same_device, same_dtype
 from shammie._checks import seq_idx as check_seq_idx
@@ -198,6 +199,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dt_softplus = dt_softplus
 
 
+@once_differentiable("ssd_scan")
 def _backward(ctx, grad_out, grad_checkpoints, grad_final, grad_varlen):
     x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, seq_idx, cu_seqlens = ctx.saved_tensors
     if grad_out is None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from shammie._autograd import once_differentiable
 from shammie.causal_conv1d import causal_conv1d_fn
 from shammie.mamba2 import check_scan, mamba_chunk_scan_combined, scan_operands
 
@@ -109,7 +109,7 @@ class _RecomputedMixer(torch.autograd.Function):
         return out, final_state
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("mamba_split_conv1d_scan_combined")
     def backward(ctx, grad_out, grad_final):
         mixer = ctx.mixer
         *tensors, y, checkpoints = ctx.saved_tensors

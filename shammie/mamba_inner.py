@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from shammie._autograd import once_differentiable
 from shammie.causal_conv1d import causal_conv1d_fn
 from shammie.selective_scan import selective_scan_fn
 
@@ -69,7 +69,7 @@ class _RecomputedScan(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("mamba_inner_fn")
     def backward(ctx, grad_out):
         A, D, delta_bias, checkpoints, *tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[5:]

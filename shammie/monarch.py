@@ -56,14 +56,5 @@ def _(grad_out, x, w1_bfly, w2_bfly):
     _check_args(x, w1_bfly, w2_bfly)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w1_bfly), torch.empty_like(w2_bfly)
 
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_out):
-    x, w1_bfly, w2_bfly = ctx.saved_tensors
-    return torch.ops.shammie.blockdiag_butterfly_multiply_backward(grad_out, x, w1_bfly, w2_bfly)
-
-
-torch.library.register_autograd("shammie::blockdiag_butterfly_multiply", _backward, setup_context=_setup_context)
+# Autograd is registered in C++ (csrc/monarch/monarch_autograd.cpp): cheaper per call than
+# torch.library.register_autograd, which matters for MoRe's small adapters.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from shammie._autograd import once_differentiable
 from shammie._checks import batch_vector, same_device, same_dtype
 
 
@@ -159,6 +160,7 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.given = [t is not None for t in (D, z, delta_bias)]
 
 
+@once_differentiable("selective_scan")
 def _scan_backward(ctx, grad_out, grad_checkpoints):
     u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
     if grad_out is None:

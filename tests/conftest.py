@@ -75,6 +75,25 @@ def assert_compiled_matches_eager(step, leaves, **tolerance):
         torch.testing.assert_close(got, want, **tolerance)
 
 
+def assert_differentiable_once(fn, leaves, op):
+    """create_graph=True through fn gives the usual gradients, and differentiating those again raises a
+    clear error naming op (the backward ops have no derivatives: never silent zeros)."""
+    loss = lambda: sum(out.square().sum() for out in _tensors(fn(*leaves)))
+    want = torch.autograd.grad(loss(), leaves)
+    grads = torch.autograd.grad(loss(), leaves, create_graph=True)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got.detach(), expected)
+    message = f"{op}: differentiating its gradients again"
+    with pytest.raises(RuntimeError, match=message):
+        sum(g.sum() for g in grads).backward()
+    with pytest.raises(RuntimeError, match=message):   # reached through the weights' edges too
+        torch.autograd.grad(grads[0].sum(), leaves[-1])
+
+
+def _tensors(out):
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+
+
 @pytest.fixture(autouse=True)
 def _surface_cuda_errors():
     """Synchronize after each test that used the GPU, so an asynchronous kernel fault is charged to the

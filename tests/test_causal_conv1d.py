@@ -8,7 +8,7 @@ import torch
 import shammie
 from shammie.reference.causal_conv1d import (causal_conv1d_packed_reference, causal_conv1d_reference,
                                              causal_conv1d_update_reference)
-from conftest import DEVICES, DTYPES, assert_matches_reference, compile_fullgraph
+from conftest import DEVICES, DTYPES, assert_differentiable_once, assert_matches_reference, compile_fullgraph
 
 # (batch, dim, seqlen, width); 1,100 steps span two of the CUDA backward's chunks (1,024 steps each).
 SHAPES = [(2, 5, 1, 4), (2, 5, 7, 1), (1, 3, 129, 2), (3, 8, 151, 3), (2, 16, 372, 4), (1, 4, 33, 5), (0, 4, 9, 4),
@@ -106,6 +106,13 @@ def test_gradcheck(device):
         inputs = [t.requires_grad_() for t in (x, w) + ((b,) if bias else ())]
         fn = lambda x, w, *b: shammie.causal_conv1d_fn(x, w, b[0] if b else None, activation=activation)
         assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_a_clear_error(device):
+    x, w, b = make((2, 3, 11, 4), torch.float64, device)
+    fn = lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, activation="silu")
+    assert_differentiable_once(fn, [t.requires_grad_() for t in (x, w, b)], "causal_conv1d")
 
 
 @pytest.mark.parametrize("device", DEVICES)

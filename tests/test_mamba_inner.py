@@ -11,7 +11,7 @@ import shammie
 from shammie.reference.causal_conv1d import causal_conv1d_reference
 from shammie.reference.selective_scan import selective_scan_reference
 from shammie.benchmarks.harness import saved_bytes
-from conftest import assert_compiled_matches_eager, assert_matches_reference
+from conftest import assert_compiled_matches_eager, assert_differentiable_once, assert_matches_reference
 
 BATCH, DIM, L, N, RANK, WIDTH, OUT = 2, 12, 21, 8, 3, 4, 10
 
@@ -83,6 +83,11 @@ def test_matches_reference(dtype, norms, bias, checkpoint_lvl):
     assert_matches_reference(out, ref_out, low_out.to(dtype), "out")
     for name, g in grads.items():
         assert_matches_reference(g, ref_grads[name], low_grads[name].to(g.dtype), f"grad {name}")
+
+
+def test_double_backward_is_a_clear_error():
+    t = {k: v.requires_grad_() for k, v in make(norms=False, bias=False).items()}
+    assert_differentiable_once(lambda *args: shammie_call(dict(zip(t, args))), list(t.values()), "mamba_inner_fn")
 
 
 def test_gradcheck_with_norms():

@@ -6,7 +6,8 @@ import torch
 
 import shammie
 from shammie.reference.monarch import monarch_bmm, monarch_reference
-from conftest import DEVICES, DTYPES, EMULATING_CUDA, assert_matches_reference, compile_fullgraph
+from conftest import (DEVICES, DTYPES, EMULATING_CUDA, assert_differentiable_once, assert_matches_reference,
+                      compile_fullgraph)
 
 op = torch.ops.shammie.blockdiag_butterfly_multiply
 
@@ -153,6 +154,13 @@ def test_gradcheck(name, device):
     batch, k, q, p, l, s, r = SHAPES[name]
     inputs = [t.requires_grad_() for t in make_inputs(((3,), k, q, p, l, s, r), torch.float64, device)]
     assert torch.autograd.gradcheck(shammie.blockdiag_butterfly_multiply, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_a_clear_error(device):
+    batch, k, q, p, l, s, r = SHAPES["rectangular"]
+    inputs = [t.requires_grad_() for t in make_inputs(((3,), k, q, p, l, s, r), torch.float64, device)]
+    assert_differentiable_once(shammie.blockdiag_butterfly_multiply, inputs, "blockdiag_butterfly_multiply")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,7 +9,8 @@ import torch
 import shammie
 from shammie.reference.selective_scan import selective_scan_reference
 from shammie.selective_scan import checkpoint_interval
-from conftest import DEVICES, DTYPES, assert_matches_reference, compile_fullgraph, runs_cuda_kernels
+from conftest import (DEVICES, DTYPES, assert_differentiable_once, assert_matches_reference, compile_fullgraph,
+                      runs_cuda_kernels)
 
 LOW = ("u", "delta", "z")          # in the activation dtype; B / C too unless constant
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -125,6 +126,14 @@ def test_gradcheck(bc, device):
         return out, state
 
     assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in ORDER), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_a_clear_error(device):
+    inputs = make(1, 4, 9, 4, dtype=torch.float64, device=device)
+    leaves = [inputs[k].requires_grad_() for k in ORDER]
+    fn = lambda *args: shammie.selective_scan_fn(*args, delta_softplus=True)
+    assert_differentiable_once(fn, leaves, "selective_scan")
 
 
 @pytest.mark.parametrize("device", DEVICES)
