@@ -108,6 +108,8 @@ fi
 if wants bench; then
   step "CUDA benchmarks" | tee -a "$OUT/summary.log"
   python3 benchmarks/copy_bandwidth.py | tee -a "$OUT/summary.log" || status=1
+  timeout 120 python3 -m shammie.benchmarks.host_overhead --device cuda --calls 1000 2>&1 \
+    | tee -a "$OUT/summary.log" || status=1
   BENCH_PATH=${PEERS_SITE:+$PEERS_SITE:}${PYTHONPATH:-}
   PYTHONPATH=$BENCH_PATH python3 -c "import mamba_ssm, causal_conv1d; print('peers: mamba_ssm', \
     mamba_ssm.__version__, '/ causal_conv1d', causal_conv1d.__version__)" 2>&1 | tail -1 | tee -a "$OUT/summary.log"

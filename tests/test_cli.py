@@ -41,3 +41,18 @@ def test_bench_rejects_unknown_ops_and_missing_cuda():
     if not torch.cuda.is_available():
         result = run("bench", "--device", "cuda")
         assert result.returncode == 2 and "torch sees no CUDA device" in result.stderr
+
+
+def test_host_overhead_benchmark_prints_every_row(capsys):
+    from shammie.benchmarks import host_overhead
+
+    threads = torch.get_num_threads()
+    try:
+        host_overhead.main(["--calls", "3", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# host time per call on cpu")
+    assert {"MoReLinear (4 blocks, rank 4) fwd+bwd", "selective_state_update (decode step)"} <= {
+        line[:60].strip() for line in lines[1:]}
+    assert all(float(line[60:].split()[0]) > 0 for line in lines[1:])
