@@ -6,7 +6,8 @@
 // tiles of kT steps: the block stages the tile's dt_t and decay a_t = exp(dt_t·A_h) once per (head,
 // step), x for its rows, and B_t, C_t of the head's group, in shared memory (so that no step waits on
 // global memory; the first GPU measurements, which read B and C per step, took 22 ms where the
-// floors say about 1); every thread advances its state, and
+// floors say about 1; where B and C do not fit, as float64 at large N on sm_86, the steps read them
+// from global memory instead); every thread advances its state, and
 // y_t[p] = Σ_n C_t[n]·S_t[p, n] is a shuffle sum over the row's lanes (plus a shared-memory sum across
 // warps when N > 32). The forward writes the state at the start of every checkpoint interval; the
 // backward starts from those, recomputes each tile's states into registers and sweeps it in reverse.
@@ -58,6 +59,7 @@ template <typename scalar_t, typename acc_t>
 struct SsdParams : Layout, SsdInputs<scalar_t, acc_t> {   // Layout: L, H, P, G, N, heads_per_group, n_cp
   int lpr, rpb;
   bool softplus;
+  bool stage_bc;            // each tile's B / C staged in shared memory (else read from global memory)
   bool grads_in_shared;     // backward: dB / dC summed per tile over the block's rows in shared memory first
   acc_t* checkpoints;       // written by the forward, read by the backward
   // forward only
@@ -132,19 +134,22 @@ __device__ int64_t varlen_at(const Par& p, const Place& q, int64_t s) {         
   return p.varlen_at(s, q.h) + q.p * p.N + q.n;
 }
 
-// B or C at step t of the staged tile ([step][state], the block's group).
+// B or C at step t0 + t: from the staged tile ([step][state], the block's group), or from global
+// memory where the tile did not fit in shared memory (staged is null; padding steps read as 0, as staged).
 template <typename Par, typename acc_t>
-__device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* staged, int t) {
-  return q.state_ok ? staged[t * p.N + q.n] : acc_t(0);
+__device__ acc_t bc_value(const Par& p, const Place& q, const acc_t* staged, const acc_t* global, int64_t t0, int t) {
+  if (!q.state_ok) return acc_t(0);
+  if (staged) return staged[t * p.N + q.n];
+  return t0 + t < p.L ? global[bc_at(p, q, t0 + t)] : acc_t(0);
 }
 
 using ssm::StagedBC;
 
-// The tile's B and C ([kT][N] each) in the kernel's dynamic shared memory; in the backward, when
-// p.grads_in_shared, the tile's dB and dC sums after them (else null).
+// The tile's B and C ([kT][N] each) in the kernel's dynamic shared memory when p.stage_bc (else null);
+// in the backward, when p.grads_in_shared, the tile's dB and dC sums after them (else null).
 template <typename Par, typename acc_t>
 __device__ StagedBC<acc_t> staged_bc(const Par& p, acc_t* dynamic) {
-  return ssm::carve_staged_bc(dynamic, kT * p.N, true, true, p.grads_in_shared);
+  return ssm::carve_staged_bc(dynamic, kT * p.N, p.stage_bc, p.stage_bc, p.grads_in_shared);
 }
 
 // Sum over the `width` lanes of this thread's row within its warp.
@@ -184,7 +189,8 @@ __device__ void load_tile(const Par& p, const Place& q, acc_t A_h, acc_t bias_h,
     const int64_t row = q.p0 + c;
     tile.x[c][t] = row < p.P && t < steps ? acc_t(p.x[x_at(p, q, t0 + t, row)]) : acc_t(0);
   }
-  for (int64_t i = threadIdx.x; i < int64_t(kT) * p.N; i += blockDim.x) {   // each step's N states are contiguous
+  // Each step's N states are contiguous.
+  for (int64_t i = threadIdx.x; staged.b && i < int64_t(kT) * p.N; i += blockDim.x) {
     const int t = static_cast<int>(i / p.N);
     const int64_t at = p.bc_at(q.b, t0 + t, q.h) + i % p.N;
     staged.b[i] = t < steps ? p.B[at] : acc_t(0);
@@ -213,9 +219,9 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_forward_kernel(const SsdPar
     __syncthreads();
 #pragma unroll 4
     for (int t = 0; t < steps; ++t) {
-      S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, t);
+      S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, p.B, t0, t);
       if (tile.slot[t] >= 0 && q.state_ok) p.varlen_states[varlen_at(p, q, tile.slot[t])] = S;
-      const acc_t y = lane_sum(S * bc_value(p, q, staged.c, t), q.width);
+      const acc_t y = lane_sum(S * bc_value(p, q, staged.c, p.C, t0, t), q.width);
       if (q.n % q.width == 0) part[q.warp_in_row * p.rpb + q.c][t] = y;
     }
     __syncthreads();
@@ -310,7 +316,8 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
         __syncthreads();
         acc_t S = tile_start[j];
 #pragma unroll 4
-        for (int t = 0; t < kT; ++t) S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, t);
+        for (int t = 0; t < kT; ++t)
+          S = tile.decay[t] * S + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, p.B, t0, t);
         tile_start[j + 1] = S;
       }
     }
@@ -327,9 +334,9 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
 #pragma unroll
       for (int t = 0; t < kT; ++t) {
         if (t < steps) {
-          hist[t + 1] = tile.decay[t] * hist[t] + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, t);
+          hist[t + 1] = tile.decay[t] * hist[t] + tile.dt[t] * tile.x[q.c][t] * bc_value(p, q, staged.b, p.B, t0, t);
           if (p.z) {
-            const acc_t y = lane_sum(hist[t + 1] * bc_value(p, q, staged.c, t), q.width);
+            const acc_t y = lane_sum(hist[t + 1] * bc_value(p, q, staged.c, p.C, t0, t), q.width);
             if (q.n % q.width == 0) part_a[q.warp_in_row * p.rpb + q.c][t] = y;
           }
         }
@@ -359,8 +366,8 @@ __global__ void __launch_bounds__(kBlockThreads) ssd_backward_kernel(const SsdPa
       for (int t = kT - 1; t >= 0; --t) {
         if (t < steps) {
           const acc_t dt = tile.dt[t], a = tile.decay[t], xv = tile.x[q.c][t], dy = dy_s[q.c][t];
-          const acc_t bv = bc_value(p, q, staged.b, t);
-          acc_t g = G + bc_value(p, q, staged.c, t) * dy;   // dL/dS_t
+          const acc_t bv = bc_value(p, q, staged.b, p.B, t0, t);
+          acc_t g = G + bc_value(p, q, staged.c, p.C, t0, t) * dy;   // dL/dS_t
           if (p.grad_varlen && tile.slot[t] >= 0 && q.state_ok) g += p.grad_varlen[varlen_at(p, q, tile.slot[t])];
           const acc_t carried = g * a * hist[t];                    // dL/da_t · a_t
           dA += carried * dt;
@@ -471,8 +478,9 @@ void ssd_forward_cuda(const SsdForwardArgs& args) {
   p.final_state = args.final_state.mutable_data_ptr<acc_t>();
   p.varlen_states = args.varlen_states.mutable_data_ptr<acc_t>();
   constexpr auto kernel = ssd_forward_kernel<scalar_t, acc_t>;
-  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(ssm::staged_bc_bytes<acc_t>(kT * a.dstate, true, true, false),
-                                                                "ssd_scan");
+  const size_t staged = ssm::staged_bc_bytes<acc_t>(kT * a.dstate, true, true, false);
+  p.stage_bc = staged <= shammie::cuda::dynamic_smem_limit<kernel>();   // else B / C from global memory
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.stage_bc ? staged : 0, "ssd_scan");
   kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -502,11 +510,13 @@ void ssd_backward_cuda(const SsdBackwardArgs& args) {
   constexpr auto kernel = ssd_backward_kernel<scalar_t, acc_t>;
   // Summing dB / dC over the block's rows in shared memory first saves global atomics where the block
   // spans several warps (2× at N = 128, 8× at N = 16); it doubles the staged bytes, so only where they fit.
+  // Without room for the staged tile, B / C come from global memory and dB / dC go to it directly.
   const int64_t size = kT * a.dstate;
-  p.grads_in_shared = shape.threads > 32 &&
-                      ssm::staged_bc_bytes<acc_t>(size, true, true, true) <= shammie::cuda::dynamic_smem_limit<kernel>();
+  const size_t limit = shammie::cuda::dynamic_smem_limit<kernel>();
+  p.stage_bc = ssm::staged_bc_bytes<acc_t>(size, true, true, false) <= limit;
+  p.grads_in_shared = p.stage_bc && shape.threads > 32 && ssm::staged_bc_bytes<acc_t>(size, true, true, true) <= limit;
   const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
-      ssm::staged_bc_bytes<acc_t>(size, true, true, p.grads_in_shared), "ssd_scan");
+      p.stage_bc ? ssm::staged_bc_bytes<acc_t>(size, true, true, p.grads_in_shared) : 0, "ssd_scan");
   kernel<<<num_blocks(a, shape), shape.threads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
