@@ -108,8 +108,6 @@ fi
 if wants bench; then
   step "CUDA benchmarks" | tee -a "$OUT/summary.log"
   python3 benchmarks/copy_bandwidth.py | tee -a "$OUT/summary.log" || status=1
-  timeout 120 python3 -m shammie.benchmarks.host_overhead --device cuda --calls 1000 2>&1 \
-    | tee -a "$OUT/summary.log" || status=1
   BENCH_PATH=${PEERS_SITE:+$PEERS_SITE:}${PYTHONPATH:-}
   PYTHONPATH=$BENCH_PATH python3 -c "import mamba_ssm, causal_conv1d; print('peers: mamba_ssm', \
     mamba_ssm.__version__, '/ causal_conv1d', causal_conv1d.__version__)" 2>&1 | tail -1 | tee -a "$OUT/summary.log"
@@ -117,6 +115,11 @@ if wants bench; then
   PYTHONPATH=$BENCH_PATH timeout "$T_BENCH" python3 -m shammie bench --device cuda ${SHAMMIE_CHECK_BENCH:-} \
     --json "$OUT/bench_cuda.json" > "$OUT/bench_cuda.log" 2>&1 || status=1
   grep -v "^  measured" "$OUT/bench_cuda.log" | tee -a "$OUT/summary.log"
+  # Host cost per call, and where a MoRe layer's step goes (host or kernels; issue 3).
+  PYTHONPATH=$BENCH_PATH timeout 120 python3 -m shammie.benchmarks.host_overhead --device cuda --calls 1000 2>&1 \
+    | tee -a "$OUT/summary.log" || status=1
+  PYTHONPATH=$BENCH_PATH timeout 120 python3 -m shammie.benchmarks.more_profile --device cuda 2>&1 \
+    | grep -v "^USDT" | tee -a "$OUT/summary.log" || status=1
 fi
 
 if wants sanitizer; then

@@ -56,3 +56,12 @@ def test_host_overhead_benchmark_prints_every_row(capsys):
     assert {"MoReLinear (4 blocks, rank 4) fwd+bwd", "selective_state_update (decode step)"} <= {
         line[:60].strip() for line in lines[1:]}
     assert all(float(line[60:].split()[0]) > 0 for line in lines[1:])
+
+
+def test_more_profile_reports_each_layer(capsys):
+    from shammie.benchmarks import more_profile
+
+    more_profile.main(["--device", "cpu", "--dtype", "float32", "--tokens", "4", "--steps", "1", "--top", "2"])
+    reports = [line for line in capsys.readouterr().out.splitlines() if " ms/step" in line]
+    assert any("| MoReLinear: wall" in line for line in reports)
+    assert len(reports) in (4, 6)   # base and MoRe per shape, and LoRA where peft is installed
