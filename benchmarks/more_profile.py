@@ -5,12 +5,15 @@ the host (Python, dispatch, launches) or the kernels were the cost; this answers
 
     python -m shammie.benchmarks.more_profile [--device cuda] [--dtype bfloat16] [--tokens 2048] [--steps 20]
 
-Llama-7B shapes (benchmarks/more.py): q/k/v 4096→4096 and up 4096→11008, MoRe 4 blocks of rank 4.
+Llama-7B shapes (benchmarks/more.py): q/k/v 4096→4096 and up 4096→11008, MoRe 4 blocks of rank 4,
+with each Monarch implementation (SHAMMIE_MONARCH_IMPL: auto, gemm, dense, kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 
 import torch
@@ -60,6 +63,20 @@ def profile_step(layer, x, grad, steps: int, device: str):
     return wall, busy, kernels
 
 
+@contextlib.contextmanager
+def monarch_impl(impl: str):
+    """SHAMMIE_MONARCH_IMPL for the calls inside (the op reads it on every call)."""
+    before = os.environ.get("SHAMMIE_MONARCH_IMPL")
+    os.environ["SHAMMIE_MONARCH_IMPL"] = impl
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SHAMMIE_MONARCH_IMPL"]
+        else:
+            os.environ["SHAMMIE_MONARCH_IMPL"] = before
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +84,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=8, help="kernels listed per layer")
+    parser.add_argument("--impls", nargs="+", default=["auto", "gemm", "dense", "kernel"],
+                        help="Monarch implementations to profile MoReLinear with")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     busy_in = "busy in kernels" if args.device == "cuda" else "in ops (self CPU time)"
@@ -75,10 +94,13 @@ def main(argv=None) -> None:
         x = torch.randn(args.tokens, n_in, device=args.device, dtype=dtype, requires_grad=True)
         grad = torch.randn(args.tokens, n_out, device=args.device, dtype=dtype)
         for label, layer in layers(n_in, n_out, dtype, args.device).items():
-            wall, busy, kernels = profile_step(layer, x, grad, args.steps, args.device)
-            print(f"{name} | {label}: wall {wall:.3f} ms/step, {busy_in} {busy:.3f} ms/step")
-            for ms, count, key in kernels[:args.top]:
-                print(f"    {ms:8.4f} ms  {count:3d}×  {key[:110]}")
+            for impl in args.impls if label == "MoReLinear" else ["auto"]:
+                with monarch_impl(impl):
+                    wall, busy, kernels = profile_step(layer, x, grad, args.steps, args.device)
+                shown = f"{label} [{impl}]" if label == "MoReLinear" else label
+                print(f"{name} | {shown}: wall {wall:.3f} ms/step, {busy_in} {busy:.3f} ms/step")
+                for ms, count, key in kernels[:args.top]:
+                    print(f"    {ms:8.4f} ms  {count:3d}×  {key[:110]}")
 
 
 if __name__ == "__main__":

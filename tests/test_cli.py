@@ -1,6 +1,7 @@
 """The `shammie` command line: `info` prints the build, `bench` prints a table and writes JSON."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,7 +62,9 @@ def test_host_overhead_benchmark_prints_every_row(capsys):
 def test_more_profile_reports_each_layer(capsys):
     from shammie.benchmarks import more_profile
 
-    more_profile.main(["--device", "cpu", "--dtype", "float32", "--tokens", "4", "--steps", "1", "--top", "2"])
+    more_profile.main(["--device", "cpu", "--dtype", "float32", "--tokens", "4", "--steps", "1", "--top", "2",
+                       "--impls", "gemm", "dense"])
     reports = [line for line in capsys.readouterr().out.splitlines() if " ms/step" in line]
-    assert any("| MoReLinear: wall" in line for line in reports)
-    assert len(reports) in (4, 6)   # base and MoRe per shape, and LoRA where peft is installed
+    assert any("| MoReLinear [dense]: wall" in line for line in reports)
+    assert len(reports) in (6, 8)   # per shape: the base, MoRe twice, and LoRA where peft is installed
+    assert "SHAMMIE_MONARCH_IMPL" not in os.environ
