@@ -1,6 +1,6 @@
 """Host time per call: what a step pays on the CPU before any kernel work, on shapes so small that
 the kernels cost nothing. On a GPU this is the floor under every launch; for MoRe's few-MFLOP adapters
-it can be most of the step. Side by side with peft's LoRA layer (the peer) and the frozen nn.Linear.
+it can be most of the step, and a Mamba layer pays it for its conv and its scan. Side by side with peft's LoRA layer (the peer) and the frozen nn.Linear.
 
     python -m shammie.benchmarks.host_overhead [--device cpu|cuda] [--calls 3000] [--repeats 5]
 
@@ -63,6 +63,11 @@ def rows(calls: int, repeats: int, device: str):
         lambda: shammie.blockdiag_butterfly_multiply(x, w1, w2).sum().backward())
     yield "frozen nn.Linear fwd+bwd", time_it(train_step(frozen, x))
     yield "MoReLinear (4 blocks, rank 4) fwd+bwd", time_it(train_step(more, x))
+    conv_x, conv_w = leaf(1, 16, 8), leaf(16, 4)
+    yield "causal_conv1d fwd+bwd", time_it(
+        lambda: shammie.causal_conv1d_fn(conv_x, conv_w, activation="silu").sum().backward())
+    scan = [leaf(1, 16, 8), leaf(1, 16, 8), leaf(16, 4), leaf(1, 4, 8), leaf(1, 4, 8)]
+    yield "selective_scan_fn fwd+bwd", time_it(lambda: shammie.selective_scan_fn(*scan).sum().backward())
     lora = lora_layer(width, device)
     if lora is not None:
         yield "peft LoRA layer (r = 4) fwd+bwd", time_it(train_step(lora, x))

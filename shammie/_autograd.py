@@ -1,11 +1,12 @@
-"""Backward functions that are differentiable once, with a clear error on a second derivative.
+"""Backward functions of shammie's Python autograd.Functions (the fused Mamba training paths) that are
+differentiable once, with a clear error on a second derivative.
 
 Shammie's backward ops have no derivatives of their own. Without a guard, create_graph=True through
 them gives gradients that a double backward silently treats as constants (zeros). torch's
 @once_differentiable raises only when backward() reaches it, and links its error to fresh leaves,
 so `torch.autograd.grad(g, params)` reports "not used in the graph" instead; this version links the
-error node to the tensors the gradients came from. csrc/monarch/monarch_autograd.cpp does the same
-in C++.
+error node to the tensors the gradients came from. The ops' own autograd does the same in C++
+(csrc/common/autograd.h).
 """
 
 from __future__ import annotations

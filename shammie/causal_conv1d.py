@@ -1,4 +1,4 @@
-"""Causal depthwise conv1d, causal-conv1d's contract: the public functions, fakes and autograd.
+"""Causal depthwise conv1d, causal-conv1d's contract: the public functions and fakes (autograd: in C++).
 
 out[b, d, t] = act(bias[d] + Σ_w weight[d, w] · x[b, d, t − (W − 1) + w]), x (batch, dim, seqlen),
 weight (dim, W), act = SiLU or identity; with packed sequences (seq_idx) a tap reads only inputs of
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from shammie._autograd import once_differentiable
 from shammie._checks import batch_vector, same_dtype_and_device
 from shammie._checks import seq_idx as check_seq_idx
 
@@ -140,18 +139,4 @@ def _(x, conv_state, weight, bias, silu, conv_state_indices=None, cache_seqlens=
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, silu, seq_idx = inputs
-    ctx.save_for_backward(x, weight, bias, seq_idx)
-    ctx.silu = silu
-    ctx.has_bias = bias is not None
-
-
-@once_differentiable("causal_conv1d")
-def _backward(ctx, grad_out):
-    x, weight, bias, seq_idx = ctx.saved_tensors
-    gx, gw, gb = torch.ops.shammie.causal_conv1d_backward(grad_out, x, weight, bias, ctx.silu, seq_idx)
-    return gx, gw, gb if ctx.has_bias else None, None, None
-
-
-torch.library.register_autograd("shammie::causal_conv1d", _backward, setup_context=_setup_context)
+# Autograd is registered in C++: csrc/causal_conv1d/causal_conv1d_autograd.cpp (csrc/common/autograd.h says why).

@@ -24,7 +24,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from shammie._autograd import once_differentiable
 from shammie._checks import cu_seqlens as check_cu_seqlens
 from shammie._checks import same_device, same_dtype
 from shammie._checks import seq_idx as check_seq_idx
@@ -193,28 +192,7 @@ def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, check
             like(initial_states) if initial_states is not None else nothing]
 
 
-def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx, cu_seqlens = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[1], seq_idx, cu_seqlens)
-    ctx.dt_softplus = dt_softplus
-
-
-@once_differentiable("ssd_scan")
-def _backward(ctx, grad_out, grad_checkpoints, grad_final, grad_varlen):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, seq_idx, cu_seqlens = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(x)
-    if cu_seqlens is None:
-        grad_varlen = None   # the (0, ...) varlen_states of a call without cu_seqlens
-    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = torch.ops.shammie.ssd_scan_backward(
-        grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, checkpoints, ctx.dt_softplus, seq_idx,
-        cu_seqlens, grad_varlen)
-    return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None,
-            dinitial if initial_states is not None else None, None, None, None)
-
-
-torch.library.register_autograd("shammie::ssd_scan", _backward, setup_context=_setup_context)
+# Autograd is registered in C++: csrc/ssd/ssd_scan_autograd.cpp (csrc/common/autograd.h says why).
 
 
 __all__ = ["mamba_chunk_scan_combined"]

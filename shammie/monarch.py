@@ -1,4 +1,4 @@
-"""Monarch (block-diagonal butterfly) product: the public function, its fake, its autograd.
+"""Monarch (block-diagonal butterfly) product: the public function and its fakes (autograd: in C++).
 
 For x of shape (..., k·p), w1_bfly (k, q, p) and w2_bfly (l, s, r) with l·r = k·q:
 u = blockdiag(w1) x, z_c[a] = u[a·l + c], v_c = w2[c] z_c, y[m·l + c] = v_c[m]; y is (..., l·s).
@@ -56,5 +56,4 @@ def _(grad_out, x, w1_bfly, w2_bfly):
     _check_args(x, w1_bfly, w2_bfly)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w1_bfly), torch.empty_like(w2_bfly)
 
-# Autograd is registered in C++ (csrc/monarch/monarch_autograd.cpp): cheaper per call than
-# torch.library.register_autograd, which matters for MoRe's small adapters.
+# Autograd is registered in C++: csrc/monarch/monarch_autograd.cpp (csrc/common/autograd.h says why).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from shammie._autograd import once_differentiable
 from shammie._checks import batch_vector, same_device, same_dtype
 
 
@@ -153,23 +152,4 @@ def _(grad_out, grad_checkpoints, u, delta, A, B, C, D, z, delta_bias, checkpoin
             act() if z is not None else u.new_empty((0,)), u.new_empty((dim,), dtype=acc)]
 
 
-def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
-    ctx.delta_softplus = delta_softplus
-    ctx.given = [t is not None for t in (D, z, delta_bias)]
-
-
-@once_differentiable("selective_scan")
-def _scan_backward(ctx, grad_out, grad_checkpoints):
-    u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(u)
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = torch.ops.shammie.selective_scan_backward(
-        grad_out, grad_checkpoints, u, delta, A, B, C, D, z, delta_bias, checkpoints, ctx.delta_softplus)
-    has_D, has_z, has_bias = ctx.given
-    return (du, ddelta, dA, dB, dC, dD.to(D.dtype) if has_D else None, dz if has_z else None,
-            ddelta_bias.to(delta_bias.dtype) if has_bias else None, None)
-
-
-torch.library.register_autograd("shammie::selective_scan", _scan_backward, setup_context=_scan_setup_context)
+# Autograd is registered in C++: csrc/selective_scan/selective_scan_autograd.cpp (csrc/common/autograd.h says why).

@@ -77,7 +77,8 @@ def assert_compiled_matches_eager(step, leaves, **tolerance):
 
 def assert_differentiable_once(fn, leaves, op):
     """create_graph=True through fn gives the usual gradients, and differentiating those again raises a
-    clear error naming op (the backward ops have no derivatives: never silent zeros)."""
+    clear error naming op (the backward ops have no derivatives: never silent zeros); forward-mode AD
+    through fn raises too."""
     loss = lambda: sum(out.square().sum() for out in _tensors(fn(*leaves)))
     want = torch.autograd.grad(loss(), leaves)
     grads = torch.autograd.grad(loss(), leaves, create_graph=True)
@@ -88,6 +89,14 @@ def assert_differentiable_once(fn, leaves, op):
         sum(g.sum() for g in grads).backward()
     with pytest.raises(RuntimeError, match=message):   # reached through the weights' edges too
         torch.autograd.grad(grads[0].sum(), leaves[-1])
+    # Forward mode has no formulas either: an error, where torch.library's Python autograd returned
+    # zero tangents.
+    primals = [t.detach() for t in leaves]
+    with pytest.raises(RuntimeError, match="jvp is not implemented|functorch"):
+        with torch.autograd.forward_ad.dual_level():
+            fn(torch.autograd.forward_ad.make_dual(primals[0], torch.ones_like(primals[0])), *primals[1:])
+    with pytest.raises(RuntimeError, match="jvp is not implemented|functorch"):
+        torch.func.jvp(lambda first: fn(first, *primals[1:]), (primals[0],), (torch.ones_like(primals[0]),))
 
 
 def _tensors(out):

@@ -109,7 +109,7 @@ def test_gradcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_double_backward_is_a_clear_error(device):
+def test_double_backward_and_forward_mode_ad_are_clear_errors(device):
     x, w, b = make((2, 3, 11, 4), torch.float64, device)
     fn = lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, activation="silu")
     assert_differentiable_once(fn, [t.requires_grad_() for t in (x, w, b)], "causal_conv1d")

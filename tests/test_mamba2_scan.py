@@ -264,7 +264,7 @@ def test_gradcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_double_backward_is_a_clear_error(device):
+def test_double_backward_and_forward_mode_ad_are_clear_errors(device):
     inputs = make(batch=1, L=20, heads=2, headdim=2, groups=1, N=3, dtype=torch.float64, device=device)
     names = [k for k, v in inputs.items() if v is not None]
     fn = lambda *args: run(shammie.mamba_chunk_scan_combined, dict(zip(names, args)), True, (0.0, float("inf")))
@@ -723,7 +723,7 @@ def test_split_training_under_autocast_with_float32_activations():
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-def test_recomputing_backwards_refuse_double_backward():
+def test_recomputing_backwards_refuse_double_backward_and_forward_mode_ad():
     inputs = split_inputs(**SPLIT_CASES["norm after gate (HF), groups 2, out-proj"], L=20)
     names = ["zxbcdt", "conv1d_weight", "A", "outproj_weight"]
     rest = {k: v for k, v in inputs.items() if k not in names}

@@ -85,7 +85,7 @@ def test_matches_reference(dtype, norms, bias, checkpoint_lvl):
         assert_matches_reference(g, ref_grads[name], low_grads[name].to(g.dtype), f"grad {name}")
 
 
-def test_double_backward_is_a_clear_error():
+def test_double_backward_and_forward_mode_ad_are_clear_errors():
     t = {k: v.requires_grad_() for k, v in make(norms=False, bias=False).items()}
     assert_differentiable_once(lambda *args: shammie_call(dict(zip(t, args))), list(t.values()), "mamba_inner_fn")
 

@@ -157,7 +157,7 @@ def test_gradcheck(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_double_backward_is_a_clear_error(device):
+def test_double_backward_and_forward_mode_ad_are_clear_errors(device):
     batch, k, q, p, l, s, r = SHAPES["rectangular"]
     inputs = [t.requires_grad_() for t in make_inputs(((3,), k, q, p, l, s, r), torch.float64, device)]
     assert_differentiable_once(shammie.blockdiag_butterfly_multiply, inputs, "blockdiag_butterfly_multiply")

@@ -129,7 +129,7 @@ def test_gradcheck(bc, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_double_backward_is_a_clear_error(device):
+def test_double_backward_and_forward_mode_ad_are_clear_errors(device):
     inputs = make(1, 4, 9, 4, dtype=torch.float64, device=device)
     leaves = [inputs[k].requires_grad_() for k in ORDER]
     fn = lambda *args: shammie.selective_scan_fn(*args, delta_softplus=True)
