@@ -16,6 +16,7 @@ import time
 import torch
 
 import shammie
+from shammie.benchmarks import more as more_cases
 from shammie.more.layer import MoReLinear
 
 
@@ -38,17 +39,6 @@ def train_step(layer, x):
     return lambda: layer(x).sum().backward()
 
 
-def lora_layer(width: int, device: str):
-    """peft's LoRA (r = 4) on one nn.Linear, or None where peft does not import."""
-    try:
-        import peft
-    except ImportError:
-        return None
-    model = peft.get_peft_model(torch.nn.ModuleDict({"proj": torch.nn.Linear(width, width)}),
-                                peft.LoraConfig(r=4, target_modules=["proj"]))
-    return model.base_model.model["proj"].to(device)
-
-
 def rows(calls: int, repeats: int, device: str):
     width = 64
     leaf = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)
@@ -68,7 +58,8 @@ def rows(calls: int, repeats: int, device: str):
         lambda: shammie.causal_conv1d_fn(conv_x, conv_w, activation="silu").sum().backward())
     scan = [leaf(1, 16, 8), leaf(1, 16, 8), leaf(16, 4), leaf(1, 4, 8), leaf(1, 4, 8)]
     yield "selective_scan_fn fwd+bwd", time_it(lambda: shammie.selective_scan_fn(*scan).sum().backward())
-    lora = lora_layer(width, device)
+    # peft's LoRA layer (r = 4) on one nn.Linear, the peer, where peft is installed.
+    lora = more_cases.lora_layer(torch.nn.Linear(width, width), 4).to(device) if more_cases.peft else None
     if lora is not None:
         yield "peft LoRA layer (r = 4) fwd+bwd", time_it(train_step(lora, x))
     with torch.no_grad():

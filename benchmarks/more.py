@@ -25,7 +25,8 @@ SHAPES = [("Llama-7B q/k/v 4096→4096", 4096, 4096), ("Llama-7B up 4096→11008
 TOKENS = 2048
 
 
-def _lora_layer(base: torch.nn.Linear, rank: int) -> torch.nn.Module:
+def lora_layer(base: torch.nn.Linear, rank: int) -> torch.nn.Module:
+    """peft's LoRA layer of the given rank around `base` (peft must be installed)."""
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -44,7 +45,7 @@ def _cases_for(name, n_in, n_out, dtype, device, with_layer: bool) -> list[Case]
     with torch.no_grad():
         ours.R.normal_(0, 0.01)
     rank = round(ours.adapter_parameters / (n_in + n_out))
-    lora = _lora_layer(base, rank).to(device=device, dtype=dtype)
+    lora = lora_layer(base, rank).to(device=device, dtype=dtype)
     lora_a, lora_b, scale = lora.lora_A["default"], lora.lora_B["default"], lora.scaling["default"]
     size = torch.empty((), dtype=dtype).element_size()
 

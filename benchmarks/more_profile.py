@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from shammie.benchmarks import more as more_cases
+from shammie.benchmarks.impl_compare import MONARCH_IMPLS
 from shammie.more import MoReLinear
 
 
@@ -31,7 +32,7 @@ def layers(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> dict[str, 
     out = {"frozen base nn.Linear": base, "MoReLinear": more}
     if more_cases.peft is not None:   # the peer, where peft is installed
         rank = round(more.adapter_parameters / (n_in + n_out))
-        out[f"peft LoRA (rank {rank})"] = more_cases._lora_layer(base, rank).to(device=device, dtype=dtype)
+        out[f"peft LoRA (rank {rank})"] = more_cases.lora_layer(base, rank).to(device=device, dtype=dtype)
     return out
 
 
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=8, help="kernels listed per layer")
-    parser.add_argument("--impls", nargs="+", default=["auto", "gemm", "dense", "kernel"],
+    parser.add_argument("--impls", nargs="+", default=["auto", *MONARCH_IMPLS],
                         help="Monarch implementations to profile MoReLinear with")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
