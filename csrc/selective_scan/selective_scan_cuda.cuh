@@ -9,8 +9,8 @@
 // C are staged with the tile too, for the groups of the block's channels, so that no step waits on
 // global memory (the first GPU measurements, which read them per step, ran at 1.5% of the copy
 // bandwidth); where they do not fit in shared memory (float64 at large N on an A100 or sm_86) the
-// steps read them from global memory as before. The forward writes the state at every checkpoint interval; the backward starts from
-// those, recomputes each tile's states into registers and sweeps the tile in reverse, summing
+// steps read them from global memory as before. The forward writes the state at every checkpoint
+// interval; the backward starts from those, recomputes each tile's states into registers and sweeps the tile in reverse, summing
 // variable dB / dC over the block's channels in shared memory before its global atomics.
 #pragma once
 
@@ -438,9 +438,10 @@ void scan_forward_cuda(const ScanForwardArgs& args) {
   p.out = args.out.mutable_data_ptr<scalar_t>();
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
     constexpr auto kernel = scan_forward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>;
-    const size_t staged = staged_bc_bytes<acc_t>(staged_size(shape, a.dstate), Bv, Cv, false);
-    p.stage_bc = staged <= shammie::cuda::dynamic_smem_limit<kernel>();   // else B / C from global memory
-    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.stage_bc ? staged : 0, "selective_scan");
+    const StagingPlan plan = plan_staging<acc_t>(staged_size(shape, a.dstate), Bv, Cv, false,
+                                                 shammie::cuda::dynamic_smem_limit<kernel>());
+    p.stage_bc = plan.stage_bc;
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(plan.smem, "selective_scan");
     kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -467,15 +468,12 @@ void scan_backward_cuda(const ScanBackwardArgs& args) {
   with_bc_forms(a.B_variable, a.C_variable, [&](auto Bv, auto Cv) {
     constexpr auto kernel = scan_backward_kernel<scalar_t, acc_t, decltype(Bv)::value, decltype(Cv)::value>;
     // Summing dB / dC per tile in shared memory first saves global atomics only when a block holds
-    // several channels (N ≤ 64: 4× fewer at N = 16); it doubles the staged bytes, so it is used only
-    // where they fit.
-    // B / C themselves are staged where they fit (float64 at large N on an A100 or sm_86 does not).
-    const int64_t size = staged_size(shape, a.dstate);
-    const size_t limit = shammie::cuda::dynamic_smem_limit<kernel>();
-    p.stage_bc = staged_bc_bytes<acc_t>(size, Bv, Cv, false) <= limit;
-    p.grads_in_shared = p.stage_bc && shape.cpb >= 2 && staged_bc_bytes<acc_t>(size, Bv, Cv, true) <= limit;
-    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
-        p.stage_bc ? staged_bc_bytes<acc_t>(size, Bv, Cv, p.grads_in_shared) : 0, "selective_scan");
+    // several channels (N ≤ 64: 4× fewer at N = 16).
+    const StagingPlan plan = plan_staging<acc_t>(staged_size(shape, a.dstate), Bv, Cv, shape.cpb >= 2,
+                                                 shammie::cuda::dynamic_smem_limit<kernel>());
+    p.stage_bc = plan.stage_bc;
+    p.grads_in_shared = plan.grads_in_shared;
+    const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(plan.smem, "selective_scan");
     kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

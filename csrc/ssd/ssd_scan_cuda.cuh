@@ -478,9 +478,10 @@ void ssd_forward_cuda(const SsdForwardArgs& args) {
   p.final_state = args.final_state.mutable_data_ptr<acc_t>();
   p.varlen_states = args.varlen_states.mutable_data_ptr<acc_t>();
   constexpr auto kernel = ssd_forward_kernel<scalar_t, acc_t>;
-  const size_t staged = ssm::staged_bc_bytes<acc_t>(kT * a.dstate, true, true, false);
-  p.stage_bc = staged <= shammie::cuda::dynamic_smem_limit<kernel>();   // else B / C from global memory
-  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(p.stage_bc ? staged : 0, "ssd_scan");
+  const ssm::StagingPlan plan =
+      ssm::plan_staging<acc_t>(kT * a.dstate, true, true, false, shammie::cuda::dynamic_smem_limit<kernel>());
+  p.stage_bc = plan.stage_bc;
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(plan.smem, "ssd_scan");
   kernel<<<num_blocks(a, shape), shape.threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -509,14 +510,12 @@ void ssd_backward_cuda(const SsdBackwardArgs& args) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr auto kernel = ssd_backward_kernel<scalar_t, acc_t>;
   // Summing dB / dC over the block's rows in shared memory first saves global atomics where the block
-  // spans several warps (2× at N = 128, 8× at N = 16); it doubles the staged bytes, so only where they fit.
-  // Without room for the staged tile, B / C come from global memory and dB / dC go to it directly.
-  const int64_t size = kT * a.dstate;
-  const size_t limit = shammie::cuda::dynamic_smem_limit<kernel>();
-  p.stage_bc = ssm::staged_bc_bytes<acc_t>(size, true, true, false) <= limit;
-  p.grads_in_shared = p.stage_bc && shape.threads > 32 && ssm::staged_bc_bytes<acc_t>(size, true, true, true) <= limit;
-  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(
-      p.stage_bc ? ssm::staged_bc_bytes<acc_t>(size, true, true, p.grads_in_shared) : 0, "ssd_scan");
+  // spans several warps (2× at N = 128, 8× at N = 16).
+  const ssm::StagingPlan plan = ssm::plan_staging<acc_t>(kT * a.dstate, true, true, shape.threads > 32,
+                                                         shammie::cuda::dynamic_smem_limit<kernel>());
+  p.stage_bc = plan.stage_bc;
+  p.grads_in_shared = plan.grads_in_shared;
+  const size_t smem = shammie::cuda::allow_dynamic_smem<kernel>(plan.smem, "ssd_scan");
   kernel<<<num_blocks(a, shape), shape.threads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
