@@ -74,19 +74,29 @@ if wants("state_update"):
             rows[-1] = -1
             shammie.selective_state_update(cache, x, dt, A, B, C, z=z, dt_softplus=True, state_batch_indices=rows)
 if wants("selective_scan"):
-    for dtype in dtypes(torch.float32, torch.bfloat16, torch.float64):
-        # (batch, dim, L, N, B/C form): odd dims, tails of tiles and intervals, N > 32 across warps, groups
-        for batch, dim, L, N, form in ((2, 7, 37, 16, "variable"), (1, 3, 70, 1, "constant"), (1, 5, 130, 64, "grouped"),
-                                       (1, 2, 40, 256, "variable"), (2, 20, 33, 4, "grouped")):
-            shape = {"variable": (batch, N, L), "grouped": (batch, dim if dim % 5 == 0 and dim != 5 else 1, N, L),
-                     "constant": (dim, N)}[form]
-            bc_dtype = torch.float32 if form == "constant" else dtype
-            u, delta, z = (torch.randn(batch, dim, L, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-            B, C = (torch.randn(*shape, device="cuda", dtype=bc_dtype, requires_grad=True) for _ in range(2))
-            A = (-torch.rand(dim, N, device="cuda")).requires_grad_()
-            D, bias = (torch.randn(dim, device="cuda", requires_grad=True) for _ in range(2))
-            out, last = shammie.selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
-            (out.float().sum() + last.sum()).backward()
+    def scan(batch, dim, L, N, form, dtype):
+        shape = {"variable": (batch, N, L), "grouped": (batch, dim if dim % 5 == 0 and dim != 5 else 1, N, L),
+                 "constant": (dim, N)}[form]
+        bc_dtype = torch.float32 if form == "constant" else dtype
+        u, delta, z = (torch.randn(batch, dim, L, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        B, C = (torch.randn(*shape, device="cuda", dtype=bc_dtype, requires_grad=True) for _ in range(2))
+        A = (-torch.rand(dim, N, device="cuda")).requires_grad_()
+        D, bias = (torch.randn(dim, device="cuda", requires_grad=True) for _ in range(2))
+        out, last = shammie.selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
+        (out.float().sum() + last.sum()).backward()
+
+    for deterministic in (False, True):   # the default backward's atomics; the fixed-order sums
+        torch.use_deterministic_algorithms(deterministic)
+        for dtype in dtypes(torch.float32, torch.bfloat16, torch.float64):
+            # (batch, dim, L, N, B/C form): odd dims, tails of tiles and intervals, N > 32 across warps, groups
+            for case in ((2, 7, 37, 16, "variable"), (1, 3, 70, 1, "constant"), (1, 5, 130, 64, "grouped"),
+                         (1, 2, 40, 256, "variable"), (2, 20, 33, 4, "grouped")):
+                scan(*case, dtype)
+        if deterministic:   # a 1 MiB workspace cap: two rounds of channels per block
+            os.environ["SHAMMIE_SCAN_WORKSPACE_MB"] = "1"
+            scan(2, 64, 600, 16, "variable", torch.float32)
+            os.environ.pop("SHAMMIE_SCAN_WORKSPACE_MB")
+    torch.use_deterministic_algorithms(False)
 if wants("ssd"):
     for dtype in dtypes(torch.float32, torch.bfloat16, torch.float64):
         # Mamba-2 scan (batch, L, heads, headdim, groups, N): tails of tiles and of the 128-step intervals,

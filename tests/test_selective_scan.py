@@ -9,8 +9,8 @@ import torch
 import shammie
 from shammie.reference.selective_scan import selective_scan_reference
 from shammie.selective_scan import checkpoint_interval
-from conftest import (DEVICES, DTYPES, assert_differentiable_once, assert_matches_reference, compile_fullgraph,
-                      runs_cuda_kernels)
+from conftest import (DEVICES, DTYPES, EMULATING_CUDA, assert_differentiable_once, assert_matches_reference,
+                      compile_fullgraph, runs_cuda_kernels)
 
 LOW = ("u", "delta", "z")          # in the activation dtype; B / C too unless constant
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -208,16 +208,46 @@ def test_bad_input_is_a_clear_error(change, error, message):
         shammie.selective_scan_fn(**{**good, **change}, delta_softplus=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_backward_refuses_deterministic_mode():
-    """The CUDA backward sums dB, dC, dA, dD and d(delta_bias) with float atomics, so under
-    torch.use_deterministic_algorithms(True) it raises torch's alert (the forward still runs)."""
-    inputs = make(batch=2, dim=8, L=40, N=16, device="cuda")
-    leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if v is not None}
+DETERMINISTIC_CASES = {
+    # On the CUDA emulation (4 SMs) these take 2 rounds per block, and blocks span both groups.
+    "grouped, several rounds per block": dict(batch=8, dim=66, L=40, N=16, bc="grouped", groups=2),
+    "workspace cap forces rounds": dict(batch=2, dim=12, L=100, N=64, bc="grouped", groups=2, workspace_mb=1),
+    "variable, one round per block": dict(batch=2, dim=20, L=77, N=16),
+    "N=128 (one channel per round)": dict(batch=2, dim=3, L=100, N=128),
+    "constant B/C": dict(batch=4, dim=18, L=45, N=16, bc="constant"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(DETERMINISTIC_CASES))
+def test_deterministic_backward(case, dtype, device, monkeypatch):
+    """Under torch.use_deterministic_algorithms the CUDA backward adds in a fixed order instead of with
+    float atomics (csrc/selective_scan/selective_scan_deterministic.cuh): its gradients match the
+    reference, and two runs agree bit for bit; on the CUDA emulation also with the blocks and threads
+    run in reverse order, which changes the default backward's sums."""
+    spec = dict(DETERMINISTIC_CASES[case])
+    if "workspace_mb" in spec:
+        monkeypatch.setenv("SHAMMIE_SCAN_WORKSPACE_MB", str(spec.pop("workspace_mb")))
+    inputs = make(**spec, dtype=dtype, device=device)
     torch.use_deterministic_algorithms(True)
     try:
-        out = shammie.selective_scan_fn(**leaves, delta_softplus=True)
-        with pytest.raises(RuntimeError, match="selective_scan_backward"):
-            out.sum().backward()
+        runs = [gradients(shammie.selective_scan_fn, inputs, True) for _ in range(2)]
+        if EMULATING_CUDA:
+            monkeypatch.setenv("SHAMMIE_EMU_THREAD_ORDER", "reverse")
+            runs.append(gradients(shammie.selective_scan_fn, inputs, True))
     finally:
         torch.use_deterministic_algorithms(False)
+    cpu = {k: None if v is None else v.detach().cpu() for k, v in inputs.items()}
+    ref = gradients(selective_scan_reference, {k: None if v is None else v.double() for k, v in cpu.items()}, True)
+    low = gradients(selective_scan_reference, cpu, True)
+    for name in runs[0]:
+        assert_matches_reference(runs[0][name], ref[name], low[name], f"grad {name}")
+        for again in runs[1:]:
+            assert torch.equal(runs[0][name], again[name]), f"grad {name} changed between identical runs"
+    if EMULATING_CUDA and case == "grouped, several rounds per block" and dtype == torch.float32:
+        # The default backward's atomics do depend on the order, so the comparison above can fail.
+        reverse = gradients(shammie.selective_scan_fn, inputs, True)
+        monkeypatch.setenv("SHAMMIE_EMU_THREAD_ORDER", "forward")
+        forward = gradients(shammie.selective_scan_fn, inputs, True)
+        assert any(not torch.equal(forward[k], reverse[k]) for k in ("B", "C", "A", "D", "delta_bias"))

@@ -1,5 +1,5 @@
 // selective_scan CUDA kernels for at::BFloat16 inputs (registered in selective_scan_fp32.cu).
-#include "selective_scan/selective_scan_cuda.cuh"
+#include "selective_scan/selective_scan_backward.cuh"
 
 namespace shammie::ssm::cuda {
 

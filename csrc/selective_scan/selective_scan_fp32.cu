@@ -1,6 +1,5 @@
 // selective_scan CUDA kernels for float inputs (and float64), and the CUDA registration.
-#include "selective_scan/selective_scan_cuda.cuh"
-#include <ATen/Context.h>
+#include "selective_scan/selective_scan_backward.cuh"
 #include <torch/library.h>
 
 namespace shammie::ssm::cuda {
@@ -30,8 +29,7 @@ void forward_cuda(const ScanForwardArgs& a) {
 }
 
 void backward_cuda(const ScanBackwardArgs& a) {
-  // dB, dC, dA, dD and d(delta_bias) are summed across blocks with float atomics.
-  at::globalContext().alertNotDeterministic("shammie::selective_scan_backward (CUDA)");
+  // Deterministic under torch.use_deterministic_algorithms (selective_scan_deterministic.cuh).
   switch (a.in.u.scalar_type()) {
     case at::kHalf: return shammie::ssm::cuda::scan_backward_half(a);
     case at::kBFloat16: return shammie::ssm::cuda::scan_backward_bfloat16(a);

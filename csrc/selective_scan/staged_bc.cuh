@@ -18,7 +18,7 @@ struct StagedBC {
 
 // Dynamic shared memory bytes for the arrays present.
 template <typename acc_t>
-size_t staged_bc_bytes(int64_t size, bool b, bool c, bool grads) {
+__host__ __device__ size_t staged_bc_bytes(int64_t size, bool b, bool c, bool grads) {
   return static_cast<size_t>((int(b) + int(c)) * (grads ? 2 : 1) * size) * sizeof(acc_t);
 }
 

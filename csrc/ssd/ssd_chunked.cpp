@@ -34,9 +34,9 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 
+#include "common/env_cap.h"
 #include "common/errors.h"
 #include "common/impl_override.h"
 #include "ssd/ssd_scan.h"
@@ -469,17 +469,7 @@ SsdArgs rows_of(const SsdArgs& a, int64_t b0, int64_t n) {
 
 // The cap on each (rows, seqlen, heads, Q) temporary: SHAMMIE_SSD_CHUNKED_MB MiB (default 256; the
 // backward holds about ten of them at once).
-int64_t temporary_cap_bytes() {
-  const char* cap = std::getenv("SHAMMIE_SSD_CHUNKED_MB");
-  int64_t mib = 256;
-  if (cap != nullptr && *cap != '\0') {
-    char* end = nullptr;
-    mib = std::strtoll(cap, &end, 10);
-    SHAMMIE_CHECK_VALUE(*end == '\0' && mib > 0, "SHAMMIE_SSD_CHUNKED_MB must be a positive integer (MiB), got '",
-                        cap, "'");
-  }
-  return mib << 20;
-}
+int64_t temporary_cap_bytes() { return env_cap_bytes("SHAMMIE_SSD_CHUNKED_MB", 256); }
 
 // One batch row's share of such a temporary.
 int64_t temporary_bytes_per_row(const SsdArgs& a) {

@@ -10,7 +10,8 @@
 // on a real GPU too, and is reported as an error naming the block and threads.
 //
 // Not modelled: concurrency between blocks (so no inter-block races), memory ordering, timing. Races
-// within a block show as results that change with SHAMMIE_EMU_THREAD_ORDER=reverse.
+// within a block, and sums across blocks whose order matters (float atomics), show as results that
+// change with SHAMMIE_EMU_THREAD_ORDER=reverse.
 // Dynamic shared memory and the static __shared__ arrays are filled with 0xFF bytes (NaN for floats)
 // at the start of every block, so a kernel that reads shared memory it did not write shows it.
 #pragma once
@@ -78,6 +79,7 @@ struct BlockState {
   std::vector<unsigned char> dynamic_smem;
   std::set<const void*> poisoned;   // static __shared__ arrays already filled in this block
   size_t stack_bytes = 256 << 10;
+  bool reverse = false;   // SHAMMIE_EMU_THREAD_ORDER=reverse, read once per launch
 };
 
 inline BlockState*& state() {
@@ -156,14 +158,13 @@ inline bool release_warp(BlockState& s, int lo, int hi) {
   return released;
 }
 
-// SHAMMIE_EMU_THREAD_ORDER=reverse runs the threads between two barriers from the last to the first. A
-// kernel whose result changes with the order has a shared- or global-memory race.
+// SHAMMIE_EMU_THREAD_ORDER=reverse runs the blocks of a launch, and the threads between two barriers,
+// from the last to the first. A kernel whose result changes with the order has a shared- or
+// global-memory race, or sums in an order that is not fixed. Read at every launch, so that a test can
+// run one kernel both ways.
 inline bool thread_order_reversed() {
-  static const bool reversed = [] {
-    const char* v = std::getenv("SHAMMIE_EMU_THREAD_ORDER");
-    return v && std::string(v) == "reverse";
-  }();
-  return reversed;
+  const char* v = std::getenv("SHAMMIE_EMU_THREAD_ORDER");
+  return v && std::string(v) == "reverse";
 }
 
 // Runs one block to completion; throws on a deadlock or on an error inside the block.
@@ -180,7 +181,7 @@ inline void run_block(BlockState& s, int threads) {
     makecontext(&lane.context, trampoline, 0);
   }
   const int warps = (threads + 31) / 32;
-  const bool reverse = thread_order_reversed();
+  const bool reverse = s.reverse;
   for (;;) {
     for (int k = 0; k < threads; ++k) {
       const int i = reverse ? threads - 1 - k : k;
@@ -267,7 +268,9 @@ void launch(Config c, F&& call, A&&... args) {
   state() = &s;
   gridDim = c.grid;
   blockDim = c.block;
-  for (uint64_t b = 0; b < blocks; ++b) {
+  s.reverse = thread_order_reversed();
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t b = s.reverse ? blocks - 1 - k : k;
     blockIdx = dim3(unsigned(b % c.grid.x), unsigned((b / c.grid.x) % c.grid.y), unsigned(b / (uint64_t(c.grid.x) * c.grid.y)));
     s.dynamic_smem.assign(c.smem + 16, 0xFF);
     s.poisoned.clear();
