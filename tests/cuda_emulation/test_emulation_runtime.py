@@ -42,6 +42,11 @@ __global__ void reverse_block_racy(const float* in, float* out) {
   out[threadIdx.x] = tile[blockDim.x - 1 - threadIdx.x];
 }
 
+// Every block overwrites out[0]: the last block to run wins, so the result shows the block order.
+__global__ void last_block_wins(float* out) {
+  if (threadIdx.x == 0) out[0] = float(blockIdx.x);
+}
+
 // Reads shared memory that nobody wrote.
 __global__ void read_unwritten(float* out) {
   extern __shared__ float scratch[];
@@ -78,6 +83,7 @@ int main(int argc, char** argv) {
     if (which == "group_sums") { group_sums<<<1, 64>>>(in.data(), out.data(), 8); }
     if (which == "reverse") { reverse_block<<<2, 64>>>(in.data(), out.data()); }
     if (which == "reverse_racy") { reverse_block_racy<<<1, 64>>>(in.data(), out.data()); }
+    if (which == "last_block") { last_block_wins<<<4, 32>>>(out.data()); }
     if (which == "unwritten") { read_unwritten<<<1, 32, 32 * sizeof(float)>>>(out.data()); }
     if (which == "divergent") { divergent_barrier<<<1, 32>>>(out.data()); }
     if (which == "returned") { shuffle_from_returned<<<1, 32>>>(out.data()); }
@@ -126,6 +132,12 @@ def test_barrier_and_shared_memory_in_every_block(program):
 
 def test_a_race_shows_as_an_order_dependence(program):
     assert run(program, "reverse_racy", "forward") != run(program, "reverse_racy", "reverse")
+
+
+def test_reverse_order_also_reverses_the_blocks(program):
+    """So that a sum across blocks whose order is not fixed (float atomics) shows too."""
+    assert run(program, "last_block", "forward")[0] == 3.0
+    assert run(program, "last_block", "reverse")[0] == 0.0
 
 
 def test_unwritten_shared_memory_reads_as_nan(program):
