@@ -1,4 +1,5 @@
-"""Monarch (block-diagonal butterfly) product: the public function and its fakes (autograd: in C++).
+"""Monarch (block-diagonal butterfly) product: the public function and its fakes (autograd: in C++;
+under torch.func transforms, shammie/_functorch.py).
 
 For x of shape (..., k·p), w1_bfly (k, q, p) and w2_bfly (l, s, r) with l·r = k·q:
 u = blockdiag(w1) x, z_c[a] = u[a·l + c], v_c = w2[c] z_c, y[m·l + c] = v_c[m]; y is (..., l·s).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from shammie._checks import same_dtype_and_device
+from shammie._functorch import transformable, under_transform, vmap_by_loop
 
 _OP = "blockdiag_butterfly_multiply"
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -22,6 +24,8 @@ def blockdiag_butterfly_multiply(x: torch.Tensor, w1_bfly: torch.Tensor, w2_bfly
     n = k·p and l·r = k·q. The three tensors share one dtype (float32, float16, bfloat16 or
     float64; math in float32, or float64 for float64) and one device. Differentiable in all three.
     """
+    if under_transform():   # torch.func.grad, vmap(grad) (per-sample gradients), jacrev, ...
+        return _Transformable.apply(x, w1_bfly, w2_bfly)
     return torch.ops.shammie.blockdiag_butterfly_multiply(x, w1_bfly, w2_bfly)
 
 
@@ -57,3 +61,20 @@ def _(grad_out, x, w1_bfly, w2_bfly):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w1_bfly), torch.empty_like(w2_bfly)
 
 # Autograd is registered in C++: csrc/monarch/monarch_autograd.cpp (csrc/common/autograd.h says why).
+
+_Transformable = transformable(_OP, torch.ops.shammie.blockdiag_butterfly_multiply,
+                               torch.ops.shammie.blockdiag_butterfly_multiply_backward)
+
+
+@torch.library.register_vmap("shammie::blockdiag_butterfly_multiply")
+def _(info, in_dims, x, w1_bfly, w2_bfly):
+    if in_dims[1] is None and in_dims[2] is None:   # shared factors: the batch is more leading dims of x
+        return torch.ops.shammie.blockdiag_butterfly_multiply(x.movedim(in_dims[0], 0), w1_bfly, w2_bfly), 0
+    return vmap_by_loop(torch.ops.shammie.blockdiag_butterfly_multiply, info, in_dims, x, w1_bfly, w2_bfly)
+
+
+@torch.library.register_vmap("shammie::blockdiag_butterfly_multiply_backward")
+def _(info, in_dims, grad_out, x, w1_bfly, w2_bfly):
+    # Per-element factor gradients (per-sample gradients) need one call per element.
+    return vmap_by_loop(torch.ops.shammie.blockdiag_butterfly_multiply_backward, info, in_dims, grad_out, x, w1_bfly,
+                        w2_bfly)

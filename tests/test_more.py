@@ -99,6 +99,26 @@ def test_delta_weight_equals_the_dense_product():
     torch.testing.assert_close(x @ layer.delta_weight_t(), layer.adapter(x), rtol=1e-5, atol=1e-6)
 
 
+def test_per_sample_gradients_with_torch_func():
+    """Differentially private fine-tuning needs each example's adapter gradient: vmap over grad through
+    a MoReLinear (shammie/_functorch.py), as Opacus' functorch mode does."""
+    layer = more.MoReLinear(torch.nn.Linear(12, 9), nblocks=4, blk_r=2).double()
+    randomize_adapters(torch.nn.ModuleList([layer]))
+    params = {"L": layer.L.detach(), "R": layer.R.detach()}   # the others stay the module's own
+    x = torch.randn(5, 3, 12, dtype=torch.float64)
+
+    def loss(params, example):
+        return torch.func.functional_call(layer, params, (example[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    assert set(per_sample) == {"L", "R"}
+    for i in range(x.shape[0]):
+        layer.zero_grad()
+        layer(x[i:i + 1]).square().sum().backward()
+        for name, got in per_sample.items():
+            torch.testing.assert_close(got[i], getattr(layer, name).grad)
+
+
 def test_only_adapters_train_and_base_weights_stay():
     model = more.apply(tiny_bert_classifier(), more.MoReConfig(target_modules=["query", "value"], modules_to_save=["classifier"]))
     model.train()

@@ -1,0 +1,95 @@
+"""torch.func transforms (grad, vjp, jacrev, and vmap over them: per-sample gradients) through shammie's
+ops.
+
+An op's autograd is a C++ torch::autograd::Function (csrc/<family>/<family>_autograd.cpp), which
+functorch refuses to transform. Under a torch.func transform a public function routes through a
+Python autograd.Function instead, with the same forward and backward ops, setup_context and
+generate_vmap_rule, which functorch can transform. Outside the transforms nothing changes: one C
+call looks at functorch's (empty) interpreter stack. The gradients are first order here too:
+a second derivative (grad of grad) and forward mode (jvp) raise an error naming the op.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def under_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is running. Never while Dynamo traces
+    (torch.compile), which sees a non-empty stack there and cannot trace the Function's jvp: the op
+    itself goes into the graph, as without transforms."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _no_second_derivative(op: str):
+    return RuntimeError(f"{op}: differentiating its gradients again (double backward, or grad of grad) "
+                        "is not supported")
+
+
+def _no_forward_mode(op: str):
+    return RuntimeError(f"{op}: forward-mode AD (jvp is not implemented); use reverse mode (torch.func.grad, "
+                        "vjp, jacrev)")
+
+
+class _FirstOrderBackward(torch.autograd.Function):
+    """The op's backward, as a function whose own derivative raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op, backward, *args):
+        return tuple(backward(*args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _no_second_derivative(ctx.op)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise _no_forward_mode(ctx.op)
+
+
+def transformable(op: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """An autograd.Function for one op with one output: forward(*inputs) -> out and
+    backward(grad_out, *inputs) -> a gradient (or None) for each input."""
+
+    class Transformable(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*inputs):
+            return forward(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return _FirstOrderBackward.apply(op, backward, grad_out, *ctx.saved_tensors)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise _no_forward_mode(op)
+
+    Transformable.__name__ = Transformable.__qualname__ = f"Transformable[{op}]"
+    return Transformable
+
+
+def vmap_by_loop(op, info, in_dims, *args):
+    """A vmap rule that calls `op` once per batch element and stacks the results (as functorch's
+    fallback does, without its warning that asks for a rule in PyTorch itself)."""
+    def element(i):
+        return op(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                    for a, d in zip(args, in_dims)))
+
+    outs = [element(i) for i in range(info.batch_size)]
+    if isinstance(outs[0], (tuple, list)):
+        return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
