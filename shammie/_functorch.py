@@ -55,9 +55,14 @@ class _FirstOrderBackward(torch.autograd.Function):
         raise _no_forward_mode(ctx.op)
 
 
+def _differentiable(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def transformable(op: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """An autograd.Function for one op with one output: forward(*inputs) -> out and
-    backward(grad_out, *inputs) -> a gradient (or None) for each input."""
+    """An autograd.Function for one op with one output: forward(*inputs) -> out, and
+    backward(grad_out, *inputs) -> the gradients of the floating-point tensor inputs, in order (the
+    other inputs, such as flags, None and integer indices, get none)."""
 
     class Transformable(torch.autograd.Function):
         generate_vmap_rule = True
@@ -68,11 +73,16 @@ def transformable(op: str, forward: Callable, backward: Callable) -> type[torch.
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs)
+            ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+            ctx.constants = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+            ctx.is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
 
         @staticmethod
         def backward(ctx, grad_out):
-            return _FirstOrderBackward.apply(op, backward, grad_out, *ctx.saved_tensors)
+            tensors = iter(ctx.saved_tensors)
+            inputs = [next(tensors) if is_tensor else constant for constant, is_tensor in zip(ctx.constants, ctx.is_tensor)]
+            grads = iter(_FirstOrderBackward.apply(op, backward, grad_out, *inputs))
+            return tuple(next(grads) if _differentiable(t) else None for t in inputs)
 
         @staticmethod
         def jvp(ctx, *tangents):
@@ -84,7 +94,8 @@ def transformable(op: str, forward: Callable, backward: Callable) -> type[torch.
 
 def vmap_by_loop(op, info, in_dims, *args):
     """A vmap rule that calls `op` once per batch element and stacks the results (as functorch's
-    fallback does, without its warning that asks for a rule in PyTorch itself)."""
+    fallback does, without its warning that asks for a rule in PyTorch itself). Trailing arguments
+    left at their schema defaults have no in_dims entry and are left out."""
     def element(i):
         return op(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
                     for a, d in zip(args, in_dims)))

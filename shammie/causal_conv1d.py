@@ -1,4 +1,5 @@
-"""Causal depthwise conv1d, causal-conv1d's contract: the public functions and fakes (autograd: in C++).
+"""Causal depthwise conv1d, causal-conv1d's contract: the public functions and fakes (autograd: in C++;
+under torch.func transforms, shammie/_functorch.py).
 
 out[b, d, t] = act(bias[d] + Σ_w weight[d, w] · x[b, d, t − (W − 1) + w]), x (batch, dim, seqlen),
 weight (dim, W), act = SiLU or identity; with packed sequences (seq_idx) a tap reads only inputs of
@@ -12,6 +13,7 @@ import torch
 
 from shammie._checks import batch_vector, same_dtype_and_device
 from shammie._checks import seq_idx as check_seq_idx
+from shammie._functorch import transformable, under_transform, vmap_by_loop
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -20,6 +22,36 @@ def _silu(activation: str | None) -> bool:
     if activation in (None, "silu", "swish"):
         return activation is not None
     raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def _conv(x, weight, bias, silu, seq_idx):
+    if under_transform():   # torch.func.grad, vjp, jacrev, vmap over them
+        return _Transformable.apply(x, weight, bias, silu, seq_idx)
+    return torch.ops.shammie.causal_conv1d(x, weight, bias, silu, seq_idx)
+
+
+def _conv_backward(grad_out, x, weight, bias, silu, seq_idx):
+    dx, dweight, dbias = torch.ops.shammie.causal_conv1d_backward(grad_out, x, weight, bias, silu, seq_idx)
+    return (dx, dweight) if bias is None else (dx, dweight, dbias)
+
+
+_Transformable = transformable("causal_conv1d", torch.ops.shammie.causal_conv1d, _conv_backward)
+
+
+@torch.library.register_vmap("shammie::causal_conv1d")
+def _(info, in_dims, x, weight, bias, silu, seq_idx=None):
+    if seq_idx is None and all(d is None for d in in_dims[1:]):   # only x batched: more rows of x
+        rows = x.movedim(in_dims[0], 0)
+        out = torch.ops.shammie.causal_conv1d(rows.reshape(-1, *rows.shape[2:]), weight, bias, silu, None)
+        return out.view(rows.shape), 0
+    return vmap_by_loop(torch.ops.shammie.causal_conv1d, info, in_dims, x, weight, bias, silu, seq_idx)
+
+
+@torch.library.register_vmap("shammie::causal_conv1d_backward")
+def _(info, in_dims, grad_out, x, weight, bias, silu, seq_idx=None):
+    # Per-element weight gradients (per-sample gradients) need one call per element.
+    return vmap_by_loop(torch.ops.shammie.causal_conv1d_backward, info, in_dims, grad_out, x, weight, bias, silu,
+                        seq_idx)
 
 
 def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -44,7 +76,7 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise TypeError("causal_conv1d_fn: seq_idx must be a tensor or None, got a string; pass activation= by "
                         "keyword (causal-conv1d's order is x, weight, bias, seq_idx, initial_states, ...)")
     if initial_states is None and not return_final_states:
-        return torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation), seq_idx)
+        return _conv(x, weight, bias, _silu(activation), seq_idx)
     _check("causal_conv1d_fn", x, weight, bias)
     batch, dim, _ = x.shape
     history = weight.shape[1] - 1
@@ -62,10 +94,10 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if seq_idx is not None:
             check_seq_idx("causal_conv1d_fn", seq_idx, "x", x, batch, x.shape[2])
             seq_ext = torch.cat([seq_idx[:, :1].expand(batch, history), seq_idx], dim=1)
-        out = torch.ops.shammie.causal_conv1d(extended, weight, bias, _silu(activation), seq_ext)[..., history:]
+        out = _conv(extended, weight, bias, _silu(activation), seq_ext)[..., history:]
     else:
         extended = x
-        out = torch.ops.shammie.causal_conv1d(x, weight, bias, _silu(activation), seq_idx)
+        out = _conv(x, weight, bias, _silu(activation), seq_idx)
     if not return_final_states:
         return out
     if extended.shape[-1] < history:   # a short first chunk: zeros before it, as the kernel assumes

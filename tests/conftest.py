@@ -99,6 +99,33 @@ def assert_differentiable_once(fn, leaves, op):
         torch.func.jvp(lambda first: fn(first, *primals[1:]), (primals[0],), (torch.ones_like(primals[0]),))
 
 
+def assert_torch_func_transforms(fn, inputs, op):
+    """torch.func.grad, vmap over grad (per-sample gradients of inputs[1:] over inputs[0]'s first dim)
+    and jacrev through fn (shammie/_functorch.py) agree with plain autograd; grad of grad and hessian
+    (forward over reverse) are clear errors naming op."""
+    inputs = [t.detach() for t in inputs]
+    loss = lambda *args: fn(*args).square().sum()
+    argnums = tuple(range(len(inputs)))
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    for got, want in zip(torch.func.grad(loss, argnums=argnums)(*inputs), torch.autograd.grad(loss(*leaves), leaves)):
+        torch.testing.assert_close(got, want)
+    first, rest = inputs[0], inputs[1:]
+    per_example = torch.func.vmap(torch.func.grad(lambda example, *rest: loss(example[None], *rest),
+                                                  argnums=tuple(range(1, len(inputs)))),
+                                  in_dims=(0, *(None,) * len(rest)))(first, *rest)
+    for i in range(first.shape[0]):
+        leaves = [t.clone().requires_grad_() for t in rest]
+        for got, want in zip(per_example, torch.autograd.grad(loss(first[i:i + 1], *leaves), leaves)):
+            torch.testing.assert_close(got[i], want)
+    small = first[:1]
+    torch.testing.assert_close(torch.func.jacrev(lambda a: fn(a, *rest))(small),
+                               torch.autograd.functional.jacobian(lambda a: fn(a, *rest), small))
+    with pytest.raises(RuntimeError, match=f"{op}: differentiating its gradients again"):
+        torch.func.grad(lambda a: torch.func.grad(loss)(a, *rest).sum())(first)
+    with pytest.raises(RuntimeError, match=f"{op}: forward-mode AD"):
+        torch.func.hessian(lambda a: fn(a, *rest).sum())(small)
+
+
 def _tensors(out):
     return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
 

@@ -8,7 +8,8 @@ import torch
 import shammie
 from shammie.reference.causal_conv1d import (causal_conv1d_packed_reference, causal_conv1d_reference,
                                              causal_conv1d_update_reference)
-from conftest import DEVICES, DTYPES, assert_differentiable_once, assert_matches_reference, compile_fullgraph
+from conftest import (DEVICES, DTYPES, assert_differentiable_once, assert_matches_reference,
+                      assert_torch_func_transforms, compile_fullgraph)
 
 # (batch, dim, seqlen, width); 1,100 steps span two of the CUDA backward's chunks (1,024 steps each).
 SHAPES = [(2, 5, 1, 4), (2, 5, 7, 1), (1, 3, 129, 2), (3, 8, 151, 3), (2, 16, 372, 4), (1, 4, 33, 5), (0, 4, 9, 4),
@@ -113,6 +114,24 @@ def test_double_backward_and_forward_mode_ad_are_clear_errors(device):
     x, w, b = make((2, 3, 11, 4), torch.float64, device)
     fn = lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, activation="silu")
     assert_differentiable_once(fn, [t.requires_grad_() for t in (x, w, b)], "causal_conv1d")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_func_transforms(bias, device):
+    """grad, per-sample gradients and jacrev (shammie/_functorch.py), also through initial_states."""
+    x, w, b = make((3, 4, 11, 4), torch.float64, device)
+    if bias:
+        assert_torch_func_transforms(lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, activation="silu"), [x, w, b],
+                                     "causal_conv1d")
+    else:
+        assert_torch_func_transforms(lambda x, w: shammie.causal_conv1d_fn(x, w), [x, w], "causal_conv1d")
+    initial = torch.randn(3, 4, 3, dtype=torch.float64, device=device)
+    with_initial = lambda x, w, initial=initial: shammie.causal_conv1d_fn(x, w, initial_states=initial[:x.shape[0]])
+    assert_torch_func_transforms(with_initial, [x, w], "causal_conv1d")
+    loss = lambda initial: with_initial(x, w, initial).square().sum()
+    leaf = initial.clone().requires_grad_()
+    torch.testing.assert_close(torch.func.grad(loss)(initial), torch.autograd.grad(loss(leaf), leaf)[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
