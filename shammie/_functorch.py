@@ -60,9 +60,10 @@ def _differentiable(value) -> bool:
 
 
 def transformable(op: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """An autograd.Function for one op with one output: forward(*inputs) -> out, and
-    backward(grad_out, *inputs) -> the gradients of the floating-point tensor inputs, in order (the
-    other inputs, such as flags, None and integer indices, get none)."""
+    """An autograd.Function for one op: forward(*inputs) -> an output or a tuple of them, and
+    backward(grad_outputs, inputs, outputs) -> the gradients of the floating-point tensor inputs, in
+    order (the other inputs, such as flags, None and integer indices, get none). grad_outputs has a
+    tensor for every output (zeros where nothing flowed)."""
 
     class Transformable(torch.autograd.Function):
         generate_vmap_rule = True
@@ -73,15 +74,20 @@ def transformable(op: str, forward: Callable, backward: Callable) -> type[torch.
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+            outputs = output if isinstance(output, tuple) else (output,)
+            ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)), *outputs)
             ctx.constants = [None if isinstance(t, torch.Tensor) else t for t in inputs]
             ctx.is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
 
         @staticmethod
-        def backward(ctx, grad_out):
-            tensors = iter(ctx.saved_tensors)
+        def backward(ctx, *grad_outputs):
+            saved = ctx.saved_tensors
+            tensors = iter(saved)
             inputs = [next(tensors) if is_tensor else constant for constant, is_tensor in zip(ctx.constants, ctx.is_tensor)]
-            grads = iter(_FirstOrderBackward.apply(op, backward, grad_out, *inputs))
+            outputs = saved[len(saved) - len(grad_outputs):]
+            count = len(grad_outputs)
+            flat = lambda *args: backward(args[:count], args[count:count + len(inputs)], args[count + len(inputs):])
+            grads = iter(_FirstOrderBackward.apply(op, flat, *grad_outputs, *inputs, *outputs))
             return tuple(next(grads) if _differentiable(t) else None for t in inputs)
 
         @staticmethod

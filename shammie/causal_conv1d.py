@@ -30,8 +30,9 @@ def _conv(x, weight, bias, silu, seq_idx):
     return torch.ops.shammie.causal_conv1d(x, weight, bias, silu, seq_idx)
 
 
-def _conv_backward(grad_out, x, weight, bias, silu, seq_idx):
-    dx, dweight, dbias = torch.ops.shammie.causal_conv1d_backward(grad_out, x, weight, bias, silu, seq_idx)
+def _conv_backward(grads, inputs, outputs):
+    x, weight, bias, silu, seq_idx = inputs
+    dx, dweight, dbias = torch.ops.shammie.causal_conv1d_backward(grads[0], x, weight, bias, silu, seq_idx)
     return (dx, dweight) if bias is None else (dx, dweight, dbias)
 
 

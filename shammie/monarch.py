@@ -62,8 +62,9 @@ def _(grad_out, x, w1_bfly, w2_bfly):
 
 # Autograd is registered in C++: csrc/monarch/monarch_autograd.cpp (csrc/common/autograd.h says why).
 
-_Transformable = transformable(_OP, torch.ops.shammie.blockdiag_butterfly_multiply,
-                               torch.ops.shammie.blockdiag_butterfly_multiply_backward)
+_Transformable = transformable(
+    _OP, torch.ops.shammie.blockdiag_butterfly_multiply,
+    lambda grads, inputs, outputs: torch.ops.shammie.blockdiag_butterfly_multiply_backward(grads[0], *inputs))
 
 
 @torch.library.register_vmap("shammie::blockdiag_butterfly_multiply")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from shammie._checks import batch_vector, same_device, same_dtype
+from shammie._functorch import transformable, under_transform, vmap_by_loop
 
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -76,10 +77,34 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     Returns out (batch, dim, L) in u's dtype, and with `return_last_state` also the final state
     (batch, dim, N) in float32. Differentiable in every tensor argument, including through the last state.
     """
-    out, checkpoints = torch.ops.shammie.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    scan = _Transformable.apply if under_transform() else torch.ops.shammie.selective_scan   # torch.func transforms
+    out, checkpoints = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if return_last_state:
         return out, checkpoints[:, :, -1]
     return out
+
+
+def _scan_backward(grads, inputs, outputs):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    d = torch.ops.shammie.selective_scan_backward(grads[0], grads[1], u, delta, A, B, C, D, z, delta_bias, outputs[1],
+                                                  delta_softplus)
+    # dD and d(delta_bias) come in the accumulation dtype; dz is empty without z.
+    optional = [(D, d[5].to(D.dtype) if D is not None else None), (z, d[6]),
+                (delta_bias, d[7].to(delta_bias.dtype) if delta_bias is not None else None)]
+    return (*d[:5], *(grad for given, grad in optional if given is not None))
+
+
+_Transformable = transformable("selective_scan", torch.ops.shammie.selective_scan, _scan_backward)
+
+
+@torch.library.register_vmap("shammie::selective_scan")
+def _(info, in_dims, *args):
+    return vmap_by_loop(torch.ops.shammie.selective_scan, info, in_dims, *args)
+
+
+@torch.library.register_vmap("shammie::selective_scan_backward")
+def _(info, in_dims, *args):
+    return vmap_by_loop(torch.ops.shammie.selective_scan_backward, info, in_dims, *args)
 
 
 def _check_scan(op, u, delta, A, B, C, D, z, delta_bias):

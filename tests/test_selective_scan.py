@@ -10,7 +10,7 @@ import shammie
 from shammie.reference.selective_scan import selective_scan_reference
 from shammie.selective_scan import checkpoint_interval
 from conftest import (DEVICES, DTYPES, EMULATING_CUDA, assert_differentiable_once, assert_matches_reference,
-                      compile_fullgraph, runs_cuda_kernels)
+                      assert_torch_func_transforms, compile_fullgraph, runs_cuda_kernels)
 
 LOW = ("u", "delta", "z")          # in the activation dtype; B / C too unless constant
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -126,6 +126,26 @@ def test_gradcheck(bc, device):
         return out, state
 
     assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in ORDER), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_transforms(device):
+    """grad (through the last state too), per-sample gradients and jacrev (shammie/_functorch.py)."""
+    inputs = make(3, 4, 2 * checkpoint_interval(4) + 3, 4, bc="constant", z=False, dtype=torch.float64, device=device)
+    # delta and z from u, so that each batch row is one example
+    fn = lambda u, A, B, C, D, bias: shammie.selective_scan_fn(u, 0.3 * u, A, B, C, D, 0.5 * u, bias, delta_softplus=True)
+    assert_torch_func_transforms(fn, [inputs[k] for k in ("u", "A", "B", "C", "D", "delta_bias")], "selective_scan")
+    inputs = make(2, 4, 40, 4, bc="grouped", groups=2, dtype=torch.float64, device=device)
+    args = [inputs[k] for k in ORDER]
+
+    def loss(*args):
+        out, last = shammie.selective_scan_fn(*args, delta_softplus=True, return_last_state=True)
+        return out.square().sum() + last.square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in args]
+    for got, want in zip(torch.func.grad(loss, argnums=tuple(range(len(args))))(*args),
+                         torch.autograd.grad(loss(*leaves), leaves)):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
