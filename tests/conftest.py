@@ -100,9 +100,9 @@ def assert_differentiable_once(fn, leaves, op):
 
 
 def assert_torch_func_transforms(fn, inputs, op):
-    """torch.func.grad, vmap over grad (per-sample gradients of inputs[1:] over inputs[0]'s first dim)
-    and jacrev through fn (shammie/_functorch.py) agree with plain autograd; grad of grad and hessian
-    (forward over reverse) are clear errors naming op."""
+    """torch.func.grad, vmap over grad (per-sample gradients of inputs[1:] over inputs[0]'s first dim),
+    a backward through a vmapped call, and jacrev through fn (shammie/_functorch.py) agree with plain
+    autograd; grad of grad and hessian (forward over reverse) are clear errors naming op."""
     inputs = [t.detach() for t in inputs]
     loss = lambda *args: fn(*args).square().sum()
     argnums = tuple(range(len(inputs)))
@@ -117,6 +117,12 @@ def assert_torch_func_transforms(fn, inputs, op):
         leaves = [t.clone().requires_grad_() for t in rest]
         for got, want in zip(per_example, torch.autograd.grad(loss(first[i:i + 1], *leaves), leaves)):
             torch.testing.assert_close(got[i], want)
+    # vmap inside an ordinary training step: loss.backward() through the vmapped call
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    torch.func.vmap(lambda example, *rest: loss(example[None], *rest), in_dims=(0, *(None,) * len(rest)))(
+        *leaves).sum().backward()
+    for leaf, want in zip(leaves, torch.func.grad(loss, argnums=argnums)(*inputs)):
+        torch.testing.assert_close(leaf.grad, want)
     small = first[:1]
     torch.testing.assert_close(torch.func.jacrev(lambda a: fn(a, *rest))(small),
                                torch.autograd.functional.jacobian(lambda a: fn(a, *rest), small))

@@ -126,8 +126,9 @@ def test_torch_func_transforms(bias, device):
                                      "causal_conv1d")
     else:
         assert_torch_func_transforms(lambda x, w: shammie.causal_conv1d_fn(x, w), [x, w], "causal_conv1d")
-    initial = torch.randn(3, 4, 3, dtype=torch.float64, device=device)
-    with_initial = lambda x, w, initial=initial: shammie.causal_conv1d_fn(x, w, initial_states=initial[:x.shape[0]])
+    initial = torch.randn(1, 4, 3, dtype=torch.float64, device=device)   # the same for every example
+    with_initial = lambda x, w, initial=initial: shammie.causal_conv1d_fn(
+        x, w, initial_states=initial.expand(x.shape[0], -1, -1).contiguous())
     assert_torch_func_transforms(with_initial, [x, w], "causal_conv1d")
     loss = lambda initial: with_initial(x, w, initial).square().sum()
     leaf = initial.clone().requires_grad_()
