@@ -110,3 +110,15 @@ def vmap_by_loop(op, info, in_dims, *args):
     if isinstance(outs[0], (tuple, list)):
         return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
     return torch.stack(outs), 0
+
+
+def register_vmap_by_loop(name: str) -> None:
+    """Registers vmap_by_loop as the vmap rule of torch.ops.shammie.<name>: for the backward ops, whose
+    per-element weight gradients (per-sample gradients) take one call per element, and for ops with no
+    cheaper rule."""
+    op = getattr(torch.ops.shammie, name)
+
+    def rule(info, in_dims, *args):
+        return vmap_by_loop(op, info, in_dims, *args)
+
+    torch.library.register_vmap(f"shammie::{name}")(rule)

@@ -13,7 +13,7 @@ import torch
 
 from shammie._checks import batch_vector, same_dtype_and_device
 from shammie._checks import seq_idx as check_seq_idx
-from shammie._functorch import transformable, under_transform, vmap_by_loop
+from shammie._functorch import register_vmap_by_loop, transformable, under_transform, vmap_by_loop
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -48,11 +48,7 @@ def _(info, in_dims, x, weight, bias, silu, seq_idx=None):
     return vmap_by_loop(torch.ops.shammie.causal_conv1d, info, in_dims, x, weight, bias, silu, seq_idx)
 
 
-@torch.library.register_vmap("shammie::causal_conv1d_backward")
-def _(info, in_dims, grad_out, x, weight, bias, silu, seq_idx=None):
-    # Per-element weight gradients (per-sample gradients) need one call per element.
-    return vmap_by_loop(torch.ops.shammie.causal_conv1d_backward, info, in_dims, grad_out, x, weight, bias, silu,
-                        seq_idx)
+register_vmap_by_loop("causal_conv1d_backward")
 
 
 def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

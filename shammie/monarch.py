@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from shammie._checks import same_dtype_and_device
-from shammie._functorch import transformable, under_transform, vmap_by_loop
+from shammie._functorch import register_vmap_by_loop, transformable, under_transform, vmap_by_loop
 
 _OP = "blockdiag_butterfly_multiply"
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -74,8 +74,4 @@ def _(info, in_dims, x, w1_bfly, w2_bfly):
     return vmap_by_loop(torch.ops.shammie.blockdiag_butterfly_multiply, info, in_dims, x, w1_bfly, w2_bfly)
 
 
-@torch.library.register_vmap("shammie::blockdiag_butterfly_multiply_backward")
-def _(info, in_dims, grad_out, x, w1_bfly, w2_bfly):
-    # Per-element factor gradients (per-sample gradients) need one call per element.
-    return vmap_by_loop(torch.ops.shammie.blockdiag_butterfly_multiply_backward, info, in_dims, grad_out, x, w1_bfly,
-                        w2_bfly)
+register_vmap_by_loop("blockdiag_butterfly_multiply_backward")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from shammie._checks import batch_vector, same_device, same_dtype
-from shammie._functorch import transformable, under_transform, vmap_by_loop
+from shammie._functorch import register_vmap_by_loop, transformable, under_transform
 
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -97,14 +97,8 @@ def _scan_backward(grads, inputs, outputs):
 _Transformable = transformable("selective_scan", torch.ops.shammie.selective_scan, _scan_backward)
 
 
-@torch.library.register_vmap("shammie::selective_scan")
-def _(info, in_dims, *args):
-    return vmap_by_loop(torch.ops.shammie.selective_scan, info, in_dims, *args)
-
-
-@torch.library.register_vmap("shammie::selective_scan_backward")
-def _(info, in_dims, *args):
-    return vmap_by_loop(torch.ops.shammie.selective_scan_backward, info, in_dims, *args)
+register_vmap_by_loop("selective_scan")
+register_vmap_by_loop("selective_scan_backward")
 
 
 def _check_scan(op, u, delta, A, B, C, D, z, delta_bias):
