@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from shammie._checks import cu_seqlens as check_cu_seqlens
 from shammie._checks import same_device, same_dtype
 from shammie._checks import seq_idx as check_seq_idx
+from shammie._functorch import register_vmap_by_loop, transformable, under_transform
 
 _OP = "mamba_chunk_scan_combined"
 _MAX_DSTATE = 256
@@ -139,7 +140,8 @@ def mamba_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     check_cu_seqlens(_OP, cu_seqlens, "x", x, x.shape[0])
     if return_varlen_states and cu_seqlens is None:
         raise ValueError(f"{_OP}: return_varlen_states needs cu_seqlens (the packed sequences' boundaries)")
-    out, _, final_state, varlen_states = torch.ops.shammie.ssd_scan(
+    scan = _Transformable.apply if under_transform() else torch.ops.shammie.ssd_scan   # torch.func transforms
+    out, _, final_state, varlen_states = scan(
         *scan_operands(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, seq_idx, cu_seqlens))
     returned = (out.to(x.dtype),) + ((final_state,) if return_final_states else ())
     returned += (varlen_states,) if return_varlen_states else ()
@@ -193,6 +195,25 @@ def _(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states, check
 
 
 # Autograd is registered in C++: csrc/ssd/ssd_scan_autograd.cpp (csrc/common/autograd.h says why).
+# Under torch.func transforms the scan runs through the Function below instead (shammie/_functorch.py).
+
+def _ssd_backward(grads, inputs, outputs):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx, cu_seqlens = inputs
+    grad_out, _, grad_final, grad_varlen = grads   # none for the checkpoints, the backward's starting states
+    d = torch.ops.shammie.ssd_scan_backward(grad_out, grad_final, x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                            outputs[1], dt_softplus, seq_idx, cu_seqlens,
+                                            None if cu_seqlens is None else grad_varlen)
+    # d(dt_bias) comes in the accumulation dtype; dD, dz, d(dt_bias), d(initial_states) only where given.
+    optional = [(D, d[5]), (z, d[6]), (dt_bias, None if dt_bias is None else d[7].to(dt_bias.dtype)),
+                (initial_states, d[8])]
+    return (*d[:5], *(grad for given, grad in optional if given is not None))
+
+
+_Transformable = transformable("ssd_scan", torch.ops.shammie.ssd_scan, _ssd_backward)
+
+
+register_vmap_by_loop("ssd_scan")
+register_vmap_by_loop("ssd_scan_backward")
 
 
 __all__ = ["mamba_chunk_scan_combined"]

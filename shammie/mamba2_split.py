@@ -5,9 +5,10 @@ RMSNorm and the out-projection.
 Training in eager mode runs as one autograd Function that keeps what mamba_ssm's fused function
 keeps: zxbcdt, the weights, the scan's output and its state checkpoints. Its backward recomputes the
 conv, the norm and the projection around the scan, calls the scan's backward kernel, and sends the
-gradients back through the recomputed graph. Without gradients, and under torch.compile (whose
-partitioner makes its own recompute choices), the same pieces are composed, each with its own
-backward. Both give the same gradients.
+gradients back through the recomputed graph. Without gradients, under torch.compile (whose
+partitioner makes its own recompute choices) and under torch.func transforms (which cannot transform
+that Function; the ops can), the same pieces are composed, each with its own backward. Both give the
+same gradients.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from shammie._autograd import once_differentiable
+from shammie._functorch import under_transform
 from shammie.causal_conv1d import causal_conv1d_fn
 from shammie.mamba2 import check_scan, mamba_chunk_scan_combined, scan_operands
 
@@ -204,7 +206,7 @@ def mamba_split_conv1d_scan_combined(zxbcdt: torch.Tensor, conv1d_weight: torch.
     tensors = (zxbcdt, weight, conv1d_bias, dt_bias, A, D, initial_states, seq_idx, rmsnorm_weight, outproj_weight,
                outproj_bias)
     trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if trains and not torch.compiler.is_compiling():
+    if trains and not torch.compiler.is_compiling() and not under_transform():   # torch.func: composed ops
         out, final_state = _RecomputedMixer.apply(mixer, *tensors)
     else:
         z, x, B, C, dt = mixer.conv_and_split(zxbcdt, weight, conv1d_bias, seq_idx)

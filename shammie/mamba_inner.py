@@ -4,9 +4,10 @@ differentiable ops: causal conv1d + SiLU → x_proj → dt_proj → selective sc
 `checkpoint_lvl` ≥ 1 (mamba_ssm's default) keeps, as mamba_ssm does, xz and the weights rather than
 the conv output and delta (two (batch, dim, L) activations of every layer): an autograd Function runs
 the scan kernel forward and, in the backward, recomputes the conv and the projections, calls the
-scan's backward kernel and sends its gradients back through the recomputed graph. Level 0, and any
-call under torch.compile (whose partitioner makes its own recompute choices), composes the ops, each
-with its own backward. Both give the same gradients.
+scan's backward kernel and sends its gradients back through the recomputed graph. Level 0, any call
+under torch.compile (whose partitioner makes its own recompute choices) and any under a torch.func
+transform (which cannot transform that Function; the ops can) composes the ops, each with its own
+backward. Both give the same gradients.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shammie._autograd import once_differentiable
+from shammie._functorch import under_transform
 from shammie.causal_conv1d import causal_conv1d_fn
 from shammie.selective_scan import selective_scan_fn
 
@@ -120,7 +122,8 @@ def mamba_inner_fn(xz: torch.Tensor, conv1d_weight: torch.Tensor, conv1d_bias: t
     tensors = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, B, C, B_proj_bias, C_proj_bias,
                b_rms_weight, c_rms_weight, dt_rms_weight)
     differentiable = [t for t in (*tensors, A, D, delta_bias) if t is not None and t.requires_grad]
-    if checkpoint_lvl == 1 and differentiable and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    recompute = differentiable and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if checkpoint_lvl == 1 and recompute and not under_transform():   # torch.func: the ops' own Functions
         y = _RecomputedScan.apply(b_c_dt_rms_eps, delta_softplus, A, D, delta_bias, *tensors)
     else:
         u, delta, B_scan, C_scan, z = _scan_inputs(b_c_dt_rms_eps, *tensors)

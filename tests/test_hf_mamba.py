@@ -101,6 +101,31 @@ def test_training_is_deterministic_under_deterministic_algorithms(build, device)
         assert torch.equal(first[name], second[name]), f"{name} changed between identical steps"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("build", [tiny_mamba, tiny_mamba2], ids=["mamba", "mamba2"])
+def test_per_sample_gradients_with_torch_func(build, device):
+    """vmap(grad(loss)) over the examples of a batch (differentially private training, as Opacus'
+    functorch mode runs it) through shammie's kernels equals a backward of each example on its own.
+    functorch's slow fallback, which warns, is an error here."""
+    import warnings
+
+    model, ids = build(device).train().double(), tokens(device, batch=3, length=21)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params, example):
+        return torch.func.functional_call(model, params, (example[None],), {"labels": example[None]}).loss
+
+    with use_shammie_kernels(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_sample, called = ops_called(lambda: torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, ids))
+        assert any(op.endswith("_backward") for op in called), called
+        for i in range(ids.shape[0]):
+            model.zero_grad()
+            model(ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(per_sample[name][i], p.grad, msg=lambda m: f"{name}, example {i}: {m}")
+
+
 def cache_of(output):
     """The model output's cache: `cache` in transformers 5.2x, `cache_params` before (5.17)."""
     return output.cache if hasattr(output, "cache") else output.cache_params

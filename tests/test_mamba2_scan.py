@@ -14,7 +14,8 @@ import torch
 import shammie
 from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference, ssd_scan_varlen_reference
 from shammie.benchmarks.harness import saved_bytes
-from conftest import DEVICES, DTYPES, assert_compiled_matches_eager, assert_differentiable_once, assert_matches_reference
+from conftest import (DEVICES, DTYPES, assert_compiled_matches_eager, assert_differentiable_once, assert_matches_reference,
+                      assert_torch_func_transforms)
 
 @pytest.fixture(autouse=True, params=["kernel", "chunked"])
 def impl(request, monkeypatch):
@@ -269,6 +270,45 @@ def test_double_backward_and_forward_mode_ad_are_clear_errors(device):
     names = [k for k, v in inputs.items() if v is not None]
     fn = lambda *args: run(shammie.mamba_chunk_scan_combined, dict(zip(names, args)), True, (0.0, float("inf")))
     assert_differentiable_once(fn, [inputs[k].double().requires_grad_() for k in names], "ssd_scan")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_transforms(device):
+    """grad, per-sample gradients and jacrev (shammie/_functorch.py); dt, B, C and z come from x, so
+    that each batch row is one example."""
+    inputs = make(batch=3, L=20, heads=2, headdim=3, groups=2, N=3, D="channel", dtype=torch.float64, device=device)
+    fn = lambda x, A, D, dt_bias: shammie.mamba_chunk_scan_combined(
+        x, x.mean(-1) - 1, A, 0.5 * x, x.flip(-1), 16, D=D, z=0.3 * x, dt_bias=dt_bias, dt_softplus=True)
+    assert_torch_func_transforms(fn, [inputs[k].double() for k in ("x", "A", "D", "dt_bias")], "ssd_scan")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packing", ["initial and final states, dt_limit", "seq_idx", "cu_seqlens, varlen states"])
+def test_torch_func_grad_through_states_and_packed_sequences(packing, device):
+    """torch.func.grad equals autograd with every output in the loss: the final state, and each packed
+    sequence's state."""
+    batch = 1 if packing.startswith("cu_seqlens") else 2
+    inputs = make(batch=batch, L=150, heads=4, headdim=3, groups=2, N=8, dtype=torch.float64, device=device)
+    names = [k for k, v in inputs.items() if v is not None]
+    args = [inputs[k].double() for k in names]
+    options = dict(dt_softplus=True, return_final_states=True)
+    if packing == "initial and final states, dt_limit":
+        options["dt_limit"] = (0.05, 0.8)
+    elif packing == "seq_idx":
+        options["seq_idx"] = packed_seq_idx(150).to(device)
+    else:
+        options.update(cu_seqlens=torch.tensor([0, 1, 70, 70, 150], device=device), return_varlen_states=True)
+    weights = torch.Generator().manual_seed(4)
+
+    def loss(*args):
+        outputs = shammie.mamba_chunk_scan_combined(**dict(zip(names, args)), chunk_size=64, **options)
+        return sum((t * torch.randn(t.shape, generator=weights.manual_seed(i), dtype=t.dtype).to(device)).sum()
+                   for i, t in enumerate(outputs))
+
+    leaves = [t.clone().requires_grad_() for t in args]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for name, got, expected in zip(names, torch.func.grad(loss, argnums=tuple(range(len(args))))(*args), want):
+        torch.testing.assert_close(got, expected, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_gradcheck_across_chunks_and_packed_sequences():
@@ -729,6 +769,17 @@ def test_recomputing_backwards_refuse_double_backward_and_forward_mode_ad():
     rest = {k: v for k, v in inputs.items() if k not in names}
     fn = lambda *args: shammie.mamba_split_conv1d_scan_combined(**dict(zip(names, args)), **rest, chunk_size=16)
     assert_differentiable_once(fn, [inputs[k].requires_grad_() for k in names], "mamba_split_conv1d_scan_combined")
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_torch_func_transforms(case):
+    """Under torch.func the mixer composes the conv and the scan, each transformable (shammie/_functorch.py):
+    grad, per-sample gradients and jacrev equal autograd through the recomputing Function."""
+    inputs = split_inputs(**{**SPLIT_CASES[case], "initial": False}, batch=3, L=20)   # per example: no batched state
+    names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+    rest = {k: v for k, v in inputs.items() if k not in names}
+    fn = lambda *args: shammie.mamba_split_conv1d_scan_combined(**dict(zip(names, args)), **rest, chunk_size=16)
+    assert_torch_func_transforms(fn, [inputs[k] for k in names], "(causal_conv1d|ssd_scan)")
 
 
 @pytest.mark.parametrize("case", list(SPLIT_CASES))

@@ -11,7 +11,8 @@ import shammie
 from shammie.reference.causal_conv1d import causal_conv1d_reference
 from shammie.reference.selective_scan import selective_scan_reference
 from shammie.benchmarks.harness import saved_bytes
-from conftest import assert_compiled_matches_eager, assert_differentiable_once, assert_matches_reference
+from conftest import (assert_compiled_matches_eager, assert_differentiable_once, assert_matches_reference,
+                      assert_torch_func_transforms)
 
 BATCH, DIM, L, N, RANK, WIDTH, OUT = 2, 12, 21, 8, 3, 4, 10
 
@@ -88,6 +89,17 @@ def test_matches_reference(dtype, norms, bias, checkpoint_lvl):
 def test_double_backward_and_forward_mode_ad_are_clear_errors():
     t = {k: v.requires_grad_() for k, v in make(norms=False, bias=False).items()}
     assert_differentiable_once(lambda *args: shammie_call(dict(zip(t, args))), list(t.values()), "mamba_inner_fn")
+
+
+@pytest.mark.parametrize("norms", [False, True], ids=["no norms", "Falcon-Mamba norms"])
+def test_torch_func_transforms(norms):
+    """Under torch.func the training path composes the conv and the scan, each transformable
+    (shammie/_functorch.py): grad, per-sample gradients over xz's batch, and jacrev equal autograd
+    through the recomputing Function."""
+    t = make(norms, bias=norms)
+    names = list(t)
+    fn = lambda *args: shammie_call(dict(zip(names, args)))
+    assert_torch_func_transforms(fn, list(t.values()), "(causal_conv1d|selective_scan)")
 
 
 def test_gradcheck_with_norms():
