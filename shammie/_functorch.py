@@ -112,6 +112,37 @@ def vmap_by_loop(op, info, in_dims, *args):
     return torch.stack(outs), 0
 
 
+def vmap_by_folding(op, info, in_dims, args, foldable):
+    """A vmap rule for an op whose arguments at the positions `foldable` (activations) and whose outputs
+    share a leading batch dim. When only those are vmapped, one call with the vmapped dim folded into
+    that batch (an unvmapped one is repeated for each element); otherwise (a weight is vmapped)
+    vmap_by_loop. An output without that leading dim (an empty tensor) is the same for every element."""
+    if any(d is not None and i not in foldable for i, d in enumerate(in_dims)):
+        return vmap_by_loop(op, info, in_dims, *args)
+    size = info.batch_size
+    rows = None
+
+    def fold(i, a):
+        nonlocal rows
+        if i not in foldable or not isinstance(a, torch.Tensor):
+            return a
+        a = a.movedim(in_dims[i], 0) if in_dims[i] is not None else a.expand(size, *a.shape)
+        rows = a.shape[1]
+        return a.reshape(size * rows, *a.shape[2:])
+
+    outs = op(*(fold(i, a) for i, a in enumerate(args)))
+
+    def unfold(out):
+        if out.dim() and out.shape[0] == size * rows:
+            return out.unflatten(0, (size, rows)), 0
+        return out, None
+
+    if isinstance(outs, (tuple, list)):
+        outs, dims = zip(*(unfold(o) for o in outs))
+        return tuple(outs), tuple(dims)
+    return unfold(outs)
+
+
 def register_vmap_by_loop(name: str) -> None:
     """Registers vmap_by_loop as the vmap rule of torch.ops.shammie.<name>: for the backward ops, whose
     per-element weight gradients (per-sample gradients) take one call per element, and for ops with no

@@ -13,7 +13,7 @@ import torch
 
 from shammie._checks import batch_vector, same_dtype_and_device
 from shammie._checks import seq_idx as check_seq_idx
-from shammie._functorch import register_vmap_by_loop, transformable, under_transform, vmap_by_loop
+from shammie._functorch import register_vmap_by_loop, transformable, under_transform, vmap_by_folding
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -41,11 +41,8 @@ _Transformable = transformable("causal_conv1d", torch.ops.shammie.causal_conv1d,
 
 @torch.library.register_vmap("shammie::causal_conv1d")
 def _(info, in_dims, x, weight, bias, silu, seq_idx=None):
-    if seq_idx is None and all(d is None for d in in_dims[1:]):   # only x batched: more rows of x
-        rows = x.movedim(in_dims[0], 0)
-        out = torch.ops.shammie.causal_conv1d(rows.reshape(-1, *rows.shape[2:]), weight, bias, silu, None)
-        return out.view(rows.shape), 0
-    return vmap_by_loop(torch.ops.shammie.causal_conv1d, info, in_dims, x, weight, bias, silu, seq_idx)
+    args = (x, weight, bias, silu, seq_idx)[:len(in_dims)]
+    return vmap_by_folding(torch.ops.shammie.causal_conv1d, info, in_dims, args, {0, 4})   # x, seq_idx: rows
 
 
 register_vmap_by_loop("causal_conv1d_backward")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from shammie._checks import cu_seqlens as check_cu_seqlens
 from shammie._checks import same_device, same_dtype
 from shammie._checks import seq_idx as check_seq_idx
-from shammie._functorch import register_vmap_by_loop, transformable, under_transform
+from shammie._functorch import register_vmap_by_loop, transformable, under_transform, vmap_by_folding
 
 _OP = "mamba_chunk_scan_combined"
 _MAX_DSTATE = 256
@@ -212,7 +212,15 @@ def _ssd_backward(grads, inputs, outputs):
 _Transformable = transformable("ssd_scan", torch.ops.shammie.ssd_scan, _ssd_backward)
 
 
-register_vmap_by_loop("ssd_scan")
+@torch.library.register_vmap("shammie::ssd_scan")
+def _(info, in_dims, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx=None, cu_seqlens=None):
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, seq_idx, cu_seqlens)[:len(in_dims)]
+    # x, dt, B, C, z, initial_states and seq_idx have the batch first; packed sequences (cu_seqlens) have
+    # a batch of one, so they loop
+    activations = {0, 1, 3, 4, 6, 8, 10} if cu_seqlens is None else set()
+    return vmap_by_folding(torch.ops.shammie.ssd_scan, info, in_dims, args, activations)
+
+
 register_vmap_by_loop("ssd_scan_backward")
 
 

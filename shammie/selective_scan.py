@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from shammie._checks import batch_vector, same_device, same_dtype
-from shammie._functorch import register_vmap_by_loop, transformable, under_transform
+from shammie._functorch import register_vmap_by_loop, transformable, under_transform, vmap_by_folding
 
 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -97,7 +97,15 @@ def _scan_backward(grads, inputs, outputs):
 _Transformable = transformable("selective_scan", torch.ops.shammie.selective_scan, _scan_backward)
 
 
-register_vmap_by_loop("selective_scan")
+@torch.library.register_vmap("shammie::selective_scan")
+def _(info, in_dims, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    # u, delta, z and a variable or grouped B / C have the batch first (not a constant (dim, N) B / C;
+    # a vmapped tensor has one dim more than the op sees)
+    activations = {0, 1, 6} | {i for i, t in ((3, B), (4, C)) if t.dim() - (in_dims[i] is not None) > 2}
+    return vmap_by_folding(torch.ops.shammie.selective_scan, info, in_dims,
+                           (u, delta, A, B, C, D, z, delta_bias, delta_softplus), activations)
+
+
 register_vmap_by_loop("selective_scan_backward")
 
 

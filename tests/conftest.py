@@ -132,6 +132,20 @@ def assert_torch_func_transforms(fn, inputs, op):
         torch.func.hessian(lambda a: fn(a, *rest).sum())(small)
 
 
+def assert_vmap_rule(op, fn, args, in_dims, folds):
+    """torch.func.vmap(fn, in_dims)(*args) equals fn on each element, stacked; and the vmap rule of
+    torch.ops.shammie.<op> called the op once (folds: the vmapped dim went into the op's batch) or
+    once per element. The profiler sees the vmapped call itself too."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.func.vmap(fn, in_dims=in_dims)(*args)
+    calls = sum(e.name == f"shammie::{op}" for e in prof.events()) - 1
+    size = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+    elements = [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(size)]
+    want = tuple(map(torch.stack, zip(*elements))) if isinstance(got, tuple) else torch.stack(elements)
+    torch.testing.assert_close(got, want)
+    assert calls == (1 if folds else size), f"{op} ran {calls} times under vmap over {size} elements"
+
+
 def _tensors(out):
     return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
 

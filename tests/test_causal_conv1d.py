@@ -9,7 +9,7 @@ import shammie
 from shammie.reference.causal_conv1d import (causal_conv1d_packed_reference, causal_conv1d_reference,
                                              causal_conv1d_update_reference)
 from conftest import (DEVICES, DTYPES, assert_differentiable_once, assert_matches_reference,
-                      assert_torch_func_transforms, compile_fullgraph)
+                      assert_torch_func_transforms, assert_vmap_rule, compile_fullgraph)
 
 # (batch, dim, seqlen, width); 1,100 steps span two of the CUDA backward's chunks (1,024 steps each).
 SHAPES = [(2, 5, 1, 4), (2, 5, 7, 1), (1, 3, 129, 2), (3, 8, 151, 3), (2, 16, 372, 4), (1, 4, 33, 5), (0, 4, 9, 4),
@@ -114,6 +114,20 @@ def test_double_backward_and_forward_mode_ad_are_clear_errors(device):
     x, w, b = make((2, 3, 11, 4), torch.float64, device)
     fn = lambda x, w, b: shammie.causal_conv1d_fn(x, w, b, activation="silu")
     assert_differentiable_once(fn, [t.requires_grad_() for t in (x, w, b)], "causal_conv1d")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_folds_x_and_seq_idx_into_the_batch(device):
+    """vmap over x and seq_idx is one call with the vmapped dim folded into the batch; vmap over the
+    weight runs once per element."""
+    x, w, b = make((2, 4, 11, 3), torch.float32, device)
+    three = lambda t: torch.stack([t, 0.5 * t, -t])
+    seq_idx = (torch.arange(11, device=device) >= torch.tensor([[4], [7]], device=device)).int()
+    conv = lambda x, w, seq_idx: shammie.causal_conv1d_fn(x, w, b, seq_idx, activation="silu")
+    assert_vmap_rule("causal_conv1d", conv, [three(x), w, torch.stack([seq_idx, 1 - seq_idx, seq_idx])], (0, None, 0),
+                     folds=True)
+    assert_vmap_rule("causal_conv1d", conv, [three(x), w, seq_idx], (0, None, None), folds=True)
+    assert_vmap_rule("causal_conv1d", conv, [x, three(w), seq_idx], (None, 0, None), folds=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

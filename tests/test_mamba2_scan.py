@@ -15,7 +15,7 @@ import shammie
 from shammie.reference.mamba2 import ssd_scan_packed_reference, ssd_scan_reference, ssd_scan_varlen_reference
 from shammie.benchmarks.harness import saved_bytes
 from conftest import (DEVICES, DTYPES, assert_compiled_matches_eager, assert_differentiable_once, assert_matches_reference,
-                      assert_torch_func_transforms)
+                      assert_torch_func_transforms, assert_vmap_rule)
 
 @pytest.fixture(autouse=True, params=["kernel", "chunked"])
 def impl(request, monkeypatch):
@@ -280,6 +280,29 @@ def test_torch_func_transforms(device):
     fn = lambda x, A, D, dt_bias: shammie.mamba_chunk_scan_combined(
         x, x.mean(-1) - 1, A, 0.5 * x, x.flip(-1), 16, D=D, z=0.3 * x, dt_bias=dt_bias, dt_softplus=True)
     assert_torch_func_transforms(fn, [inputs[k].double() for k in ("x", "A", "D", "dt_bias")], "ssd_scan")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_folds_the_activations_into_the_batch(device):
+    """vmap over x, dt, B, C, z, initial_states and seq_idx is one call with the vmapped dim folded into
+    the batch; vmap over A, or with packed sequences given by cu_seqlens, runs once per element."""
+    t = make(batch=2, L=40, heads=4, headdim=3, groups=2, N=8, device=device)
+    three = lambda x: torch.stack([x, 0.5 * x, -x])
+    seq_idx = (torch.arange(40, device=device) >= torch.tensor([[9], [30]], device=device)).int()
+    scan = lambda x, A, B, initial, seq_idx: shammie.mamba_chunk_scan_combined(
+        x, t["dt"], A, B, t["C"], 16, D=t["D"], z=t["z"], dt_bias=t["dt_bias"], initial_states=initial,
+        seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
+    args = [three(t["x"]), t["A"], three(t["B"]), three(t["initial_states"]), torch.stack([seq_idx, 1 - seq_idx, seq_idx])]
+    assert_vmap_rule("ssd_scan", scan, args, (0, None, 0, 0, 0), folds=True)
+    assert_vmap_rule("ssd_scan", scan, [args[0], t["A"], t["B"], t["initial_states"], seq_idx], (0, None, None, None, None),
+                     folds=True)
+    assert_vmap_rule("ssd_scan", scan, [t["x"], three(t["A"]), t["B"], t["initial_states"], seq_idx],
+                     (None, 0, None, None, None), folds=False)
+    one = make(batch=1, L=40, heads=4, headdim=3, groups=2, N=8, device=device)
+    packed = lambda x: shammie.mamba_chunk_scan_combined(
+        x, one["dt"], one["A"], one["B"], one["C"], 16, dt_softplus=True,
+        cu_seqlens=torch.tensor([0, 9, 40], device=device), return_varlen_states=True)
+    assert_vmap_rule("ssd_scan", packed, [three(one["x"])], (0,), folds=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,7 +10,7 @@ import shammie
 from shammie.reference.selective_scan import selective_scan_reference
 from shammie.selective_scan import checkpoint_interval
 from conftest import (DEVICES, DTYPES, EMULATING_CUDA, assert_differentiable_once, assert_matches_reference,
-                      assert_torch_func_transforms, compile_fullgraph, runs_cuda_kernels)
+                      assert_torch_func_transforms, assert_vmap_rule, compile_fullgraph, runs_cuda_kernels)
 
 LOW = ("u", "delta", "z")          # in the activation dtype; B / C too unless constant
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -146,6 +146,23 @@ def test_torch_func_transforms(device):
     for got, want in zip(torch.func.grad(loss, argnums=tuple(range(len(args))))(*args),
                          torch.autograd.grad(loss(*leaves), leaves)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bc", ["variable", "grouped", "constant"])
+def test_vmap_folds_the_activations_into_the_batch(bc, device):
+    """vmap over u, delta, z (and a variable or grouped B / C) is one call with the vmapped dim folded
+    into the batch; vmap over A, or over a constant B, runs once per element."""
+    t = make(2, 4, 40, 4, bc=bc, groups=2, device=device)
+    three = lambda x: torch.stack([x, 0.5 * x, -x])
+    scan = lambda u, delta, A, B, z: shammie.selective_scan_fn(u, delta, A, B, t["C"], t["D"], z, t["delta_bias"],
+                                                                delta_softplus=True, return_last_state=True)
+    args = [three(t["u"]), t["delta"], t["A"], three(t["B"]), three(t["z"])]
+    assert_vmap_rule("selective_scan", scan, args, (0, None, None, 0, 0), folds=bc != "constant")
+    assert_vmap_rule("selective_scan", scan, [args[0], *(t[k] for k in ("delta", "A", "B", "z"))],
+                     (0, None, None, None, None), folds=True)
+    assert_vmap_rule("selective_scan", scan, [t["u"], t["delta"], three(t["A"]), t["B"], t["z"]],
+                     (None, None, 0, None, None), folds=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
