@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from shammie.integrations.transformers import is_patched, use_shammie_kernels  # noqa: E402
-from conftest import DEVICES  # noqa: E402
+from conftest import DEVICES, run_example  # noqa: E402
 
 
 def tiny_mamba(device, seed=0):
@@ -126,6 +126,62 @@ def test_per_sample_gradients_with_torch_func(build, device):
                 torch.testing.assert_close(per_sample[name][i], p.grad, msg=lambda m: f"{name}, example {i}: {m}")
 
 
+def with_adapters(model, kind, targets):
+    """MoRe or peft LoRA adapters on `targets`, their zero factor made random so that they change the
+    output (a path that left them out would show)."""
+    if kind == "more":
+        import shammie.more as more
+
+        more.apply(model, more.MoReConfig(target_modules=targets, nblocks=4, blk_r=2))
+        zero_factors = [m.R for m in model.modules() if isinstance(m, more.MoReLinear)]
+    else:
+        peft = pytest.importorskip("peft")
+        targets = [t for t in targets if t != "out_proj"]   # peft refuses out_proj on Mamba models for this reason
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+        zero_factors = [p for name, p in model.named_parameters() if "lora_B" in name]
+    with torch.no_grad():
+        for factor in zero_factors:
+            factor.normal_(0, 0.2, generator=torch.Generator().manual_seed(factor.numel()))
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["more", "lora"])
+@pytest.mark.parametrize("build,targets", [(tiny_mamba, ["in_proj", "x_proj", "out_proj"]),
+                                           (tiny_mamba2, ["in_proj", "out_proj"])], ids=["mamba", "mamba2"])
+def test_adapters_on_the_projections_train_as_without_shammie(build, targets, kind, device):
+    """transformers' fused training paths take x_proj's and out_proj's weights, not the modules: with an
+    adapter there, shammie's entry points send them to the unfused path, which calls the adapters. Loss
+    and adapter gradients equal transformers' own torch path."""
+    model = with_adapters(build(device), kind, targets).train()
+    skip_if_ungrouped_gated_norm(model)
+    ids = tokens(device)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss.detach(), dict(zip(trained, torch.autograd.grad(loss, list(trained.values()))))
+
+    loss_ref, grads_ref = step()
+    with use_shammie_kernels():
+        loss, grads = step()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=2e-3, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_an_adapter_on_dt_proj_is_a_clear_error():
+    """transformers' Mamba mixer reads dt_proj.weight in both of its paths, so an adapter there would be
+    left out: MoRe refuses to put one there, and training through shammie's entry point refuses one
+    that another library put there."""
+    with pytest.raises(ValueError, match="'backbone.layers.0.mixer.dt_proj' is a Mamba mixer's dt_proj"):
+        with_adapters(tiny_mamba("cpu"), "more", ["dt_proj"])
+    model = with_adapters(tiny_mamba("cpu"), "lora", ["dt_proj"]).train()
+    ids = tokens("cpu")
+    with use_shammie_kernels(), pytest.raises(NotImplementedError, match="dt_proj carries an adapter"):
+        model(input_ids=ids, labels=ids)
+
+
 def cache_of(output):
     """The model output's cache: `cache` in transformers 5.2x, `cache_params` before (5.17)."""
     return output.cache if hasattr(output, "cache") else output.cache_params
@@ -228,3 +284,15 @@ def test_wrappers_refuse_packing_arguments_they_cannot_honour():
         wrappers.mamba2_split_conv1d_scan_combined(torch.randn(1, 6, 2 * 8 + 2 * 4 + 2), torch.randn(16, 4), None,
                                                    torch.zeros(2), -torch.ones(2), torch.ones(2), 16, headdim=4,
                                                    cu_seqlens=torch.tensor([0, 6]))
+
+
+def test_dp_example_runs():
+    """examples/dp_per_sample_gradients.py: per-sample gradients by vmap equal a loop of backward passes,
+    and DP-SGD runs."""
+    import re
+
+    result = run_example("dp_per_sample_gradients.py", "--steps", 3, "--batch", 4, "--device", "cpu", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    gap = re.search(r"max \|vmap - loop\| = (\S+)", result.stdout)
+    assert gap and float(gap.group(1)) < 1e-6, result.stdout
+    assert "DP-SGD, clip 1.0" in result.stdout, result.stdout

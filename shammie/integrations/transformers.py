@@ -15,6 +15,9 @@ Python loop over the sequence). `use_shammie_kernels()` rebinds those names to s
   Jamba and Zamba (Mamba-1 blocks); Bamba, Falcon-H1, GraniteMoeHybrid, Nemotron-H and Zamba2
   (Mamba-2 blocks); and the short convolutions of LFM2 and Qwen3-Next.
 
+Adapters (MoRe, peft's LoRA) on the projections whose weights the fused training paths take (x_proj,
+out_proj) send a mixer to transformers' unfused path, which calls them; one on dt_proj is an error.
+
 Call it once, or use it as a context manager; `restore()` (or leaving the `with`) undoes it.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 
 import shammie
 from shammie.mamba_inner import mamba_inner_fn
@@ -33,6 +37,18 @@ def _no_packed_sequences(kwargs, name):
     for key in _PACKED:
         if kwargs.get(key) is not None:
             raise NotImplementedError(f"shammie's {name} does not support packed sequences ({key}=...)")
+
+
+def _adapted(mixer, *projections):
+    """The projections of the calling mixer that carry an adapter (MoRe's MoReLinear, peft's LoRA: a
+    `base_layer` under them). transformers' fused training paths take those projections' weights, not
+    the modules, so they would use the frozen base weight and leave the adapter out."""
+    return [name for name in projections if hasattr(getattr(mixer, name, None), "base_layer")]
+
+
+def _caller():
+    """The object whose method called the kernel entry point: the mixer (transformers passes weights)."""
+    return sys._getframe(2).f_locals.get("self")
 
 
 def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=None, **kwargs):
@@ -80,8 +96,9 @@ def mamba2_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bia
                                       rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1,
                                       norm_before_gate=True, **kwargs):
     """transformers' fused Mamba2 training entry (mamba_ssm's `mamba_split_conv1d_scan_combined`). For an
-    activation shammie's conv does not fuse it returns None, which sends transformers to its unfused path."""
-    if activation not in (None, "silu", "swish"):
+    activation shammie's conv does not fuse, and for an adapter on out_proj (which the unfused path calls
+    as a module), it returns None, which sends transformers to its unfused path."""
+    if activation not in (None, "silu", "swish") or _adapted(_caller(), "out_proj"):
         return None
     _no_packed_sequences(kwargs, "mamba_split_conv1d_scan_combined")   # seq_idx is honoured; cu_seqlens is not
     return shammie.mamba_split_conv1d_scan_combined(
@@ -92,10 +109,18 @@ def mamba2_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bia
 
 
 def mamba_inner(*args, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None, **kwargs):
-    """transformers' `mamba_inner_fn` (Mamba's training path). Falcon-Mamba's norms (the rms weights)
-    return None, which sends transformers to its unfused path (on shammie's conv and scan): its model
-    normalizes dt before dt_proj, while mamba_ssm's fused function, and shammie's, normalize delta after."""
-    if any(w is not None for w in (b_rms_weight, c_rms_weight, dt_rms_weight)):
+    """transformers' `mamba_inner_fn` (Mamba's training path). Returning None sends transformers to
+    its unfused path (on shammie's conv and scan), for Falcon-Mamba's norms (the rms weights: its model
+    normalizes dt before dt_proj, while mamba_ssm's fused function, and shammie's, normalize delta
+    after) and for adapters on x_proj or out_proj, which that path calls as modules. It reads dt_proj's
+    weight in either path, so an adapter there is an error rather than silently left out."""
+    mixer = _caller()
+    if _adapted(mixer, "dt_proj"):
+        raise NotImplementedError(
+            f"{type(mixer).__name__}.dt_proj carries an adapter, but transformers' Mamba mixer reads "
+            "dt_proj.weight directly (in its fused and unfused paths), which would leave the adapter out; "
+            "adapt in_proj, x_proj or out_proj instead")
+    if any(w is not None for w in (b_rms_weight, c_rms_weight, dt_rms_weight)) or _adapted(mixer, "x_proj", "out_proj"):
         return None
     return mamba_inner_fn(*args, **kwargs)
 

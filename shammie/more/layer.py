@@ -64,6 +64,18 @@ class MoReLinear(torch.nn.Module):
             self.L.uniform_(-bound, bound)
             self.R.zero_()
 
+    # The frozen base layer's weight and bias, as peft's adapter layers expose them: code that reads a
+    # projection's weight instead of calling it (transformers' fused Mamba training paths) then runs,
+    # and shammie's transformers integration sends those paths to the unfused one, which calls the
+    # adapter (shammie/integrations/transformers.py).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     @property
     def adapter_parameters(self) -> int:
         return self.nblocks * self.blk_r * (self.in_blksz + self.out_blksz)

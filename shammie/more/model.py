@@ -41,6 +41,7 @@ def apply(model: torch.nn.Module, config: MoReConfig) -> torch.nn.Module:
             base_features(module)
         except TypeError:
             continue
+        _refuse_weight_read_directly(model, name)
         targets.append(name)
     if not targets and not _adapters(model):
         candidates = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
@@ -57,6 +58,17 @@ def apply(model: torch.nn.Module, config: MoReConfig) -> torch.nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(_is_trainable(name, config))
     return model
+
+
+def _refuse_weight_read_directly(model: torch.nn.Module, name: str) -> None:
+    """transformers' Mamba mixers (a module with A_log, x_proj and dt_proj) compute dt_proj(·) as
+    dt_proj.weight @ · in every path: an adapter on dt_proj would have no effect, so it is an error."""
+    parent, _, leaf = name.rpartition(".")
+    mixer = model.get_submodule(parent) if parent else model
+    if leaf == "dt_proj" and all(hasattr(mixer, a) for a in ("A_log", "x_proj")):
+        raise ValueError(f"MoRe: module '{name}' is a Mamba mixer's dt_proj, whose weight transformers reads "
+                         "directly instead of calling the module, so an adapter there would have no effect; "
+                         "adapt in_proj, x_proj or out_proj")
 
 
 def _is_trainable(param_name: str, config: MoReConfig) -> bool:
