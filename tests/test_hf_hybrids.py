@@ -135,3 +135,30 @@ def test_training_under_bf16_autocast(name):
     for param, g in grads.items():
         scale = grads_ref[param].abs().max().item() or 1.0
         assert (g - grads_ref[param]).abs().max().item() <= 0.1 * scale, param
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n not in ("lfm2", "qwen3_next")])
+def test_adapters_on_the_mixers_projections_train_as_without_shammie(name):
+    """MoRe on every x_proj / out_proj: the mixers' fused entries, which take those weights rather than
+    the modules, step aside for transformers' unfused path (shammie/integrations/transformers.py), so
+    the loss and the adapters' gradients equal transformers' own."""
+    from test_hf_mamba import with_adapters
+
+    model = with_adapters(build(name, "cpu"), "more", ["x_proj", "out_proj"]).train()
+    skip_if_ungrouped_gated_norm(model)
+    ids = tokens("cpu", length=37)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def step():
+        loss = model(ids, labels=ids, use_cache=False).loss
+        return loss.detach(), dict(zip(trained, torch.autograd.grad(loss, list(trained.values()), allow_unused=True)))
+
+    loss_ref, grads_ref = step()
+    with use_shammie_kernels():
+        loss, grads = step()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for param, g in grads.items():
+        if g is None:
+            assert grads_ref[param] is None, param
+            continue
+        torch.testing.assert_close(g, grads_ref[param], rtol=2e-3, atol=2e-5, msg=lambda m: f"{param}: {m}")
