@@ -170,6 +170,33 @@ def test_adapters_on_the_projections_train_as_without_shammie(build, targets, ki
         torch.testing.assert_close(g, grads_ref[name], rtol=2e-3, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("build", [tiny_mamba, tiny_mamba2], ids=["mamba", "mamba2"])
+@pytest.mark.parametrize("adapters", [False, True], ids=["", "MoRe on x_proj and out_proj"])
+def test_training_step_compiles_fullgraph(adapters, build):
+    """A training step of the whole model under torch.compile(fullgraph=True) through shammie's entry
+    points gives transformers' eager loss and gradients. Under compile the adapter check reads MoRe's
+    mark on the base weights (Dynamo cannot inspect the calling frame); a deep copy keeps the mark."""
+    import copy
+
+    model = build("cpu").train()
+    if adapters:
+        model = copy.deepcopy(with_adapters(model, "more", ["in_proj", "x_proj", "out_proj"]))
+    ids = tokens("cpu")
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def step(fn):
+        loss = fn(ids)
+        return loss.detach(), dict(zip(trained, torch.autograd.grad(loss, list(trained.values()))))
+
+    loss_ref, grads_ref = step(lambda ids: model(input_ids=ids, labels=ids).loss)
+    torch._dynamo.reset()
+    with use_shammie_kernels():
+        loss, grads = step(torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, fullgraph=True))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=2e-3, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_an_adapter_on_dt_proj_is_a_clear_error():
     """transformers' Mamba mixer reads dt_proj.weight in both of its paths, so an adapter there would be
     left out: MoRe refuses to put one there, and training through shammie's entry point refuses one

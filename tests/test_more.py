@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import shammie.more as more
+from shammie.more.layer import adapts
 from shammie.reference.monarch import monarch_reference
 from conftest import run_example
 
@@ -150,9 +151,14 @@ def test_merge_unmerge_round_trip(make):
     out = lambda: model(ids).logits
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     adapted = out()
+    layers = [m for m in model.modules() if isinstance(m, more.MoReLinear)]
+    # The mark that tells code reading a layer's weight that an adapter adds to it (shammie.more.layer.adapts)
+    assert all(adapts(m.weight) and m.weight is m.base_layer.weight for m in layers)
     more.merge(model)
+    assert not any(adapts(m.weight) for m in layers)
     torch.testing.assert_close(out(), adapted, rtol=1e-4, atol=1e-5)
     more.unmerge(model)
+    assert all(adapts(m.weight) for m in layers)
     for name, p in model.named_parameters():
         if name in before:
             torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)

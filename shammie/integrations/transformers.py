@@ -17,6 +17,7 @@ Python loop over the sequence). `use_shammie_kernels()` rebinds those names to s
 
 Adapters (MoRe, peft's LoRA) on the projections whose weights the fused training paths take (x_proj,
 out_proj) send a mixer to transformers' unfused path, which calls them; one on dt_proj is an error.
+Under torch.compile only MoRe's adapters are seen (`_adapted` says why).
 
 Call it once, or use it as a context manager; `restore()` (or leaving the `with`) undoes it.
 """
@@ -27,8 +28,11 @@ import importlib
 import math
 import sys
 
+import torch
+
 import shammie
 from shammie.mamba_inner import mamba_inner_fn
+from shammie.more.layer import adapts
 
 _PACKED = ("seq_idx", "cu_seqlens")
 
@@ -39,16 +43,20 @@ def _no_packed_sequences(kwargs, name):
             raise NotImplementedError(f"shammie's {name} does not support packed sequences ({key}=...)")
 
 
-def _adapted(mixer, *projections):
-    """The projections of the calling mixer that carry an adapter (MoRe's MoReLinear, peft's LoRA: a
-    `base_layer` under them). transformers' fused training paths take those projections' weights, not
-    the modules, so they would use the frozen base weight and leave the adapter out."""
-    return [name for name in projections if hasattr(getattr(mixer, name, None), "base_layer")]
+def _active_adapter(module) -> bool:
+    return hasattr(module, "base_layer") and not getattr(module, "merged", False)
 
 
-def _caller():
-    """The object whose method called the kernel entry point: the mixer (transformers passes weights)."""
-    return sys._getframe(2).f_locals.get("self")
+def _adapted(weights: dict) -> list:
+    """The projections (name -> the weight transformers passed) that carry an active adapter. transformers'
+    fused training paths take those weights, not the modules, so they would leave the adapter out. MoRe
+    marks its base weights (`shammie.more.layer.adapts`), which torch.compile can read; in eager mode the
+    calling mixer's modules also show any other adapter with a `base_layer` under it (peft's LoRA)."""
+    names = [name for name, weight in weights.items() if adapts(weight)]
+    if not torch.compiler.is_compiling():   # Dynamo cannot trace frame inspection
+        mixer = sys._getframe(2).f_locals.get("self")   # the mixer whose method called the entry point
+        names += [name for name in weights if name not in names and _active_adapter(getattr(mixer, name, None))]
+    return names
 
 
 def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=None, **kwargs):
@@ -98,7 +106,7 @@ def mamba2_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bia
     """transformers' fused Mamba2 training entry (mamba_ssm's `mamba_split_conv1d_scan_combined`). For an
     activation shammie's conv does not fuse, and for an adapter on out_proj (which the unfused path calls
     as a module), it returns None, which sends transformers to its unfused path."""
-    if activation not in (None, "silu", "swish") or _adapted(_caller(), "out_proj"):
+    if activation not in (None, "silu", "swish") or _adapted({"out_proj": outproj_weight}):
         return None
     _no_packed_sequences(kwargs, "mamba_split_conv1d_scan_combined")   # seq_idx is honoured; cu_seqlens is not
     return shammie.mamba_split_conv1d_scan_combined(
@@ -114,13 +122,15 @@ def mamba_inner(*args, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
     normalizes dt before dt_proj, while mamba_ssm's fused function, and shammie's, normalize delta
     after) and for adapters on x_proj or out_proj, which that path calls as modules. It reads dt_proj's
     weight in either path, so an adapter there is an error rather than silently left out."""
-    mixer = _caller()
-    if _adapted(mixer, "dt_proj"):
+    names = ("x_proj_weight", "delta_proj_weight", "out_proj_weight")   # mamba_ssm's positions 3, 4, 5
+    given = [args[3 + i] if len(args) > 3 + i else kwargs.get(name) for i, name in enumerate(names)]
+    adapted = _adapted(dict(zip(("x_proj", "dt_proj", "out_proj"), given)))
+    if "dt_proj" in adapted:
         raise NotImplementedError(
-            f"{type(mixer).__name__}.dt_proj carries an adapter, but transformers' Mamba mixer reads "
-            "dt_proj.weight directly (in its fused and unfused paths), which would leave the adapter out; "
-            "adapt in_proj, x_proj or out_proj instead")
-    if any(w is not None for w in (b_rms_weight, c_rms_weight, dt_rms_weight)) or _adapted(mixer, "x_proj", "out_proj"):
+            "the Mamba mixer's dt_proj carries an adapter, but transformers' Mamba mixer reads dt_proj.weight "
+            "directly (in its fused and unfused paths), which would leave the adapter out; adapt in_proj, "
+            "x_proj or out_proj instead")
+    if any(w is not None for w in (b_rms_weight, c_rms_weight, dt_rms_weight)) or adapted:
         return None
     return mamba_inner_fn(*args, **kwargs)
 

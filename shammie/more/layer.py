@@ -42,6 +42,15 @@ def base_features(base: torch.nn.Module) -> tuple[int, int]:
     raise TypeError(f"MoRe adapts nn.Linear and transformers' Conv1D, not {type(base).__name__}")
 
 
+_ACTIVE_ADAPTER_MARK = "_shammie_more_adapter_active"
+
+
+def adapts(weight: torch.Tensor) -> bool:
+    """Whether `weight` is the base weight of a MoReLinear whose adapter is active (not merged): code
+    that takes the weight instead of calling the layer would leave the adapter out."""
+    return getattr(weight, _ACTIVE_ADAPTER_MARK, False)
+
+
 class MoReLinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Module, nblocks: int = 4, blk_r: int = 4, blk_sz: int | None = None,
                  square: bool = False, dropout: float = 0.0):
@@ -63,6 +72,20 @@ class MoReLinear(torch.nn.Module):
         with torch.no_grad():
             self.L.uniform_(-bound, bound)
             self.R.zero_()
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        # Marks the base weight while the adapter adds to it (see adapts); torch.compile can read it.
+        self._merged = value
+        setattr(self.base_layer.weight, _ACTIVE_ADAPTER_MARK, not value)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.merged = self._merged   # a copy (copy.deepcopy) of the base weight does not keep the mark
 
     # The frozen base layer's weight and bias, as peft's adapter layers expose them: code that reads a
     # projection's weight instead of calling it (transformers' fused Mamba training paths) then runs,
