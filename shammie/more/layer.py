@@ -84,8 +84,9 @@ class MoReLinear(torch.nn.Module):
         setattr(self.base_layer.weight, _ACTIVE_ADAPTER_MARK, not value)
 
     def __setstate__(self, state):
+        old_flag = state.pop("merged", False)   # pickled before `merged` was a property
         super().__setstate__(state)
-        self.merged = self._merged   # a copy (copy.deepcopy) of the base weight does not keep the mark
+        self.merged = state.get("_merged", old_flag)   # a copied base weight (copy.deepcopy) lost the mark
 
     # The frozen base layer's weight and bias, as peft's adapter layers expose them: code that reads a
     # projection's weight instead of calling it (transformers' fused Mamba training paths) then runs,
