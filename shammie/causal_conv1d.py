@@ -96,7 +96,9 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return out
     if extended.shape[-1] < history:   # a short first chunk: zeros before it, as the kernel assumes
         extended = torch.nn.functional.pad(extended, (history - extended.shape[-1], 0))
-    final_states = extended[..., extended.shape[-1] - history:]
+    # A copy, as causal-conv1d returns: a view of x would let the decode step's in-place update of the
+    # state overwrite the prompt (and autograd's saved x).
+    final_states = extended[..., extended.shape[-1] - history:].clone()
     if final_states_out is not None:
         if tuple(final_states_out.shape) != (batch, dim, history):
             raise ValueError(f"causal_conv1d_fn: final_states_out must have shape {(batch, dim, history)}, "

@@ -280,6 +280,12 @@ def test_initial_states_gradcheck_and_final_states_out():
     buffer = torch.full((2, 3, 2), float("nan"), dtype=torch.float64)
     _, final = shammie.causal_conv1d_fn(x, w, b, return_final_states=True, final_states_out=buffer)
     assert final is buffer and torch.equal(buffer, x[..., -2:])
+    # The state is its own tensor (as causal-conv1d returns): the decode step updates it in place,
+    # which must not write into the prompt.
+    _, final = shammie.causal_conv1d_fn(x, w, b, return_final_states=True)
+    prompt = x.clone()
+    shammie.causal_conv1d_update(torch.randn(2, 3, dtype=torch.float64), final, w, b)
+    assert torch.equal(x, prompt)
 
 
 def test_chunking_arguments_bad_input():

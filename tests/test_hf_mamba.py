@@ -263,6 +263,25 @@ def test_generate_matches(build, device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("build", [tiny_mamba, tiny_mamba2], ids=["mamba", "mamba2"])
+def test_generate_under_bf16_autocast_matches(build):
+    """Under autocast the cache's conv state is bf16 while the conv weight stays fp32 (it used to raise)."""
+    model, ids = build("cpu").eval(), tokens("cpu", length=9)
+    kwargs = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.generate(ids, **kwargs)
+        with use_shammie_kernels():
+            got, called = ops_called(lambda: model.generate(ids, **kwargs))
+    assert "shammie::causal_conv1d_update" in called
+    # bf16 rounding differs between the two paths, so greedy tokens may part at a near tie: compare the
+    # scores of the steps up to the first token where the sequences differ (a few bf16 ulps apart).
+    same = (got.sequences == expected.sequences).all(0)[ids.shape[1]:].tolist() + [False]
+    steps = same.index(False) + 1
+    for a, b in zip(got.scores[:steps], expected.scores[:steps]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
 def test_patch_is_undone():
     assert not is_patched()
     with use_shammie_kernels():

@@ -182,6 +182,9 @@ def test_save_load_round_trip_is_exact(tmp_path):
     other = more.apply(tiny_bert_classifier(), more.MoReConfig(target_modules=["query"]))
     with pytest.raises(ValueError, match="does not fit this model"):
         more.load_adapter(other, tmp_path)
+    merged = more.merge(more.load_adapter(tiny_bert_classifier(), tmp_path))
+    with pytest.raises(ValueError, match="unmerge the model before loading"):
+        more.load_adapter(merged, tmp_path)   # unmerge would then subtract the wrong ΔW
 
 
 def test_training_lowers_the_loss():

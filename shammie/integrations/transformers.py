@@ -68,8 +68,14 @@ def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=
 def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
                          conv_state_indices=None, **kwargs):
     x = hidden_states.to(weight.dtype)
-    return shammie.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens=cache_seqlens,
-                                        conv_state_indices=conv_state_indices).to(hidden_states.dtype)
+    # Under autocast the cache holds the activations' dtype (bf16) while the weights stay fp32: update
+    # an fp32 copy and store it back rounded, as transformers' own path (conv_state.copy_) does.
+    state = conv_state if conv_state.dtype == weight.dtype else conv_state.to(weight.dtype)
+    out = shammie.causal_conv1d_update(x, state, weight, bias, activation, cache_seqlens=cache_seqlens,
+                                       conv_state_indices=conv_state_indices)
+    if state is not conv_state:
+        conv_state.copy_(state)
+    return out.to(hidden_states.dtype)
 
 
 def selective_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None,

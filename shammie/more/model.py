@@ -167,6 +167,8 @@ def load_adapter(model: torch.nn.Module, directory: str | Path) -> torch.nn.Modu
     config = MoReConfig.from_json((directory / CONFIG_NAME).read_text())
     if getattr(model, "_shammie_more_config", None) is None:
         apply(model, config)
+    if any(m.merged for _, m in _adapters(model)):  # unmerge would subtract the loaded ΔW, not the merged one
+        raise ValueError("MoRe: unmerge the model before loading an adapter into it")
     expected = adapter_state_dict(model)
     saved = load_file(str(directory / WEIGHTS_NAME))
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
