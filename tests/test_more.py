@@ -168,6 +168,39 @@ def test_merge_unmerge_round_trip(make):
     torch.testing.assert_close(plain(ids).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
+def test_tied_lm_head_trains_when_saved_and_refuses_to_merge(tmp_path):
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    more.apply(model, more.MoReConfig(target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    assert model.lm_head.weight.requires_grad   # named_parameters() lists it only as transformer.wte.weight
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)
+    more.save_adapter(model, tmp_path)
+    ids = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(more.load_adapter(tiny_gpt2(), tmp_path)(ids).logits, model(ids).logits)
+
+    model = more.apply(tiny_gpt2(), more.MoReConfig(target_modules=["lm_head"]))
+    randomize_adapters(model)
+    embedding = model.transformer.wte.weight.detach().clone()
+    for fold in (more.merge, more.merge_and_unload):   # ΔW on lm_head would land in the input embedding too
+        with pytest.raises(ValueError, match="'lm_head'.*tied to \\['transformer.wte.weight'\\]"):
+            fold(model)
+        assert torch.equal(model.transformer.wte.weight, embedding) and not model.lm_head.merged
+
+
+def test_applying_two_configs_saves_and_loads_both(tmp_path):
+    model = tiny_gpt2()
+    more.apply(model, more.MoReConfig(target_modules=["c_attn"], nblocks=4, blk_r=2))
+    more.apply(model, more.MoReConfig(target_modules=["c_fc"], nblocks=2, blk_r=4, modules_to_save=["ln_f"]))
+    assert model.transformer.h[0].attn.c_attn.nblocks == 4 and model.transformer.h[0].mlp.c_fc.nblocks == 2
+    assert model.transformer.h[0].attn.c_attn.L.requires_grad and model.transformer.ln_f.weight.requires_grad
+    randomize_adapters(model)
+    more.save_adapter(model, tmp_path)
+    fresh = more.load_adapter(tiny_gpt2(), tmp_path)
+    ids = torch.randint(0, 50, (2, 8))
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     config = more.MoReConfig(target_modules=["query", "value"], modules_to_save=["classifier"], nblocks=2, blk_r=3)
     model = more.apply(tiny_bert_classifier(), config)

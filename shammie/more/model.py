@@ -28,8 +28,10 @@ def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -
 def apply(model: torch.nn.Module, config: MoReConfig) -> torch.nn.Module:
     """Wrap every nn.Linear / Conv1D whose name matches `config.target_modules` in a MoReLinear,
     and freeze everything but the adapters, `modules_to_save` and (bias="all") the biases.
-    Returns the model (changed in place)."""
-    model._shammie_more_config = config
+    Returns the model (changed in place). Applying again with another config adds its adapters (each
+    layer keeps the geometry of the config that wrapped it first); save_adapter records every config."""
+    configs = _configs_of(model, required=False)
+    configs += [config] if config not in configs else []
     wrapped = [name for name, _ in _adapters(model)]
     targets = []
     for name, module in model.named_modules():
@@ -55,9 +57,18 @@ def apply(model: torch.nn.Module, config: MoReConfig) -> torch.nn.Module:
             raise ValueError(f"{error} (module '{name}')") from None
         _set_submodule(model, name, wrapped)
 
-    for name, param in model.named_parameters():
-        param.requires_grad_(_is_trainable(name, config))
+    model._shammie_more_configs = configs
+    trainable = _trainable_ids(model, configs)
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
     return model
+
+
+def _trainable_ids(model: torch.nn.Module, configs: list[MoReConfig]) -> set[int]:
+    """ids of the parameters that train. Every name of a tied parameter counts, so modules_to_save=["lm_head"]
+    trains GPT-2's lm_head although named_parameters() lists it only as transformer.wte.weight."""
+    return {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+            if any(_is_trainable(name, c) for c in configs)}
 
 
 def _refuse_weight_read_directly(model: torch.nn.Module, name: str) -> None:
@@ -109,9 +120,27 @@ def trainable_parameters(model: torch.nn.Module) -> ParameterCount:
 
 def merge(model: torch.nn.Module) -> torch.nn.Module:
     """Fold each adapter's ΔW into its base weight (the adapters are then bypassed)."""
-    for _, m in _adapters(model):
+    adapters = _adapters(model)
+    _refuse_tied_merge(model, adapters)
+    for _, m in adapters:
         m.merge()
     return model
+
+
+def _refuse_tied_merge(model: torch.nn.Module, adapters) -> None:
+    """A base weight shared with another module (GPT-2's lm_head is wte's weight) cannot take ΔW: merging
+    would change the input embedding too."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for name, m in adapters:
+        if m.merged:
+            continue
+        shared = [n for n in names.get(id(m.base_layer.weight), []) if n != f"{name}.base_layer.weight"]
+        if shared:
+            raise ValueError(f"MoRe: cannot merge the adapter on '{name}': its base weight is tied to {shared}, "
+                             "which merging would change as well; keep this adapter unmerged, or untie the "
+                             "weights before shammie.more.apply (e.g. tie_word_embeddings=False)")
 
 
 def unmerge(model: torch.nn.Module) -> torch.nn.Module:
@@ -123,25 +152,30 @@ def unmerge(model: torch.nn.Module) -> torch.nn.Module:
 
 def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
     """Merge, then put the base layers back in place of the wrappers: a plain model again."""
-    for name, m in _adapters(model):
+    adapters = _adapters(model)
+    _refuse_tied_merge(model, adapters)
+    for name, m in adapters:
         m.merge()
         _set_submodule(model, name, m.base_layer)
-    if hasattr(model, "_shammie_more_config"):
-        del model._shammie_more_config
+    if hasattr(model, "_shammie_more_configs"):
+        del model._shammie_more_configs
     return model
 
 
 def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    config = _config_of(model)
-    return {name: p.detach().contiguous() for name, p in model.named_parameters()
-            if _is_trainable(name, config)}
+    """The trained tensors under their model names (a tied parameter once, under its first name)."""
+    trainable = _trainable_ids(model, _configs_of(model))
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if id(p) in trainable}
 
 
-def _config_of(model: torch.nn.Module) -> MoReConfig:
-    config = getattr(model, "_shammie_more_config", None)
-    if config is None:
+def _configs_of(model: torch.nn.Module, required: bool = True) -> list[MoReConfig]:
+    configs = getattr(model, "_shammie_more_configs", None)
+    if configs is None:
+        legacy = getattr(model, "_shammie_more_config", None)   # pickled by shammie before it kept a list
+        configs = [legacy] if legacy is not None else []
+    if required and not configs:
         raise ValueError("MoRe: this model has no MoRe adapters (call shammie.more.apply first)")
-    return config
+    return list(configs)
 
 
 def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
@@ -152,8 +186,9 @@ def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
         raise ValueError("MoRe: unmerge the model before saving its adapter")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = _config_of(model)
-    text = json.loads(config.to_json())
+    configs = [json.loads(c.to_json()) for c in _configs_of(model)]
+    # One config keeps peft's flat layout; several (apply called more than once) are listed in order.
+    text = configs[0] if len(configs) == 1 else {"method": "MoRe", "configs": configs}
     text["shammie_version"] = __version__
     (directory / CONFIG_NAME).write_text(json.dumps(text, indent=2))
     save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME))
@@ -164,9 +199,10 @@ def load_adapter(model: torch.nn.Module, directory: str | Path) -> torch.nn.Modu
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = MoReConfig.from_json((directory / CONFIG_NAME).read_text())
-    if getattr(model, "_shammie_more_config", None) is None:
-        apply(model, config)
+    configs = _read_configs((directory / CONFIG_NAME).read_text())
+    if not _configs_of(model, required=False):
+        for config in configs:
+            apply(model, config)
     if any(m.merged for _, m in _adapters(model)):  # unmerge would subtract the loaded ΔW, not the merged one
         raise ValueError("MoRe: unmerge the model before loading an adapter into it")
     expected = adapter_state_dict(model)
@@ -181,3 +217,12 @@ def load_adapter(model: torch.nn.Module, directory: str | Path) -> torch.nn.Modu
                 raise ValueError(f"MoRe: {name} has shape {tuple(value.shape)} in {directory}, the model expects {tuple(params[name].shape)}")
             params[name].copy_(value)
     return model
+
+
+def _read_configs(text: str) -> list[MoReConfig]:
+    data = json.loads(text)
+    if "configs" not in data:
+        return [MoReConfig.from_json(text)]
+    if data.get("method", "MoRe") != "MoRe":
+        raise ValueError("adapter config is not a MoRe config")
+    return [MoReConfig.from_json(json.dumps(c)) for c in data["configs"]]
