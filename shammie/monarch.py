@@ -40,6 +40,9 @@ def _check_args(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
     if x.dtype not in _FLOATING:
         raise TypeError(f"{_OP}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     same_dtype_and_device(_OP, "x", x, (("w1_bfly", w1), ("w2_bfly", w2)))
+    for name, w in (("w1_bfly", w1), ("w2_bfly", w2)):
+        if w.numel() == 0:
+            raise ValueError(f"{_OP}: {name} must have non-zero sizes, got {list(w.shape)}")
     k, q, p = w1.shape
     l, s, r = w2.shape
     if k * p != x.shape[-1]:

@@ -231,6 +231,8 @@ def _bad_cases(device):
         "mixed dtypes": ((x, w1.double(), w2), TypeError, "w1_bfly must have the same dtype as x"),
         "integer dtype": ((x.long(), w1.long(), w2.long()), TypeError, "x must be float32, float16, bfloat16 or float64"),
         "mixed devices": ((x, w1, w2.to("meta")), ValueError, "w2_bfly must be on the same device as x"),
+        "zero-size w1": ((x[:, :0], w1[:, :, :0], w2), ValueError, "w1_bfly must have non-zero sizes"),
+        "zero-size w2": ((x, w1, w2[:, :0]), ValueError, "w2_bfly must have non-zero sizes"),
     }
 
 
