@@ -26,16 +26,43 @@ def tree_frechet_topk(probs: torch.Tensor, parent: torch.Tensor, edge: torch.Ten
 
 @torch.library.register_fake("shammie::tree_frechet_topk")
 def _(probs, parent, edge, depth, obs_pos, cand_t, cand_label, k):
+    """The checks of csrc/loki/tree_frechet.cpp that need no values, in its order. The plan's values
+    (preorder, ranges, the number of listed candidates, which bounds k) are checked by the op."""
     op = "tree_frechet_topk"
     if probs.dim() != 2:
         raise ValueError(f"{op}: probs must be 2-D (batch, num_observed), got a tensor of shape {tuple(probs.shape)}")
     if probs.dtype not in _FLOATING:
         raise TypeError(f"{op}: probs must be float32, float16, bfloat16 or float64, got {probs.dtype}")
-    for name, t in (("parent", parent), ("obs_pos", obs_pos), ("cand_label", cand_label)):
+    for name, t, rank, layout in (("parent", parent, 1, "(nodes,)"), ("obs_pos", obs_pos, 1, "(num_observed,)"),
+                                  ("cand_label", cand_label, 2, "(nodes, per_node)")):
+        if t.dim() != rank:
+            raise ValueError(f"{op}: {name} must be {rank}-D {layout}, got a tensor of shape {list(t.shape)}")
         if t.dtype != torch.int64:
             raise TypeError(f"{op}: {name} must be int64, got {t.dtype}")
-    if obs_pos.shape != (probs.shape[1],):
-        raise ValueError(f"{op}: probs has {probs.shape[1]} observed classes (dimension 1) but obs_pos has shape {tuple(obs_pos.shape)}")
+    nodes = parent.shape[0]
+    if nodes < 1:
+        raise ValueError(f"{op}: the plan must have at least one node (parent is empty)")
+    if obs_pos.shape[0] != probs.shape[1]:
+        raise ValueError(f"{op}: probs has {probs.shape[1]} observed classes (dimension 1) but obs_pos has {obs_pos.shape[0]}")
+    for name, t in (("edge", edge), ("depth", depth)):
+        if tuple(t.shape) != (nodes,):
+            raise ValueError(f"{op}: {name} must have shape (nodes,) = [{nodes}], got {list(t.shape)}")
+    if cand_label.shape[0] != nodes:
+        raise ValueError(f"{op}: cand_label must be (nodes, per_node) with nodes = {nodes}, got {list(cand_label.shape)}")
+    if cand_t.shape != cand_label.shape:
+        raise ValueError(f"{op}: cand_t must have shape (nodes, per_node), like cand_label = {list(cand_label.shape)}, "
+                         f"got {list(cand_t.shape)}")
+    for name, t in (("edge", edge), ("depth", depth), ("cand_t", cand_t)):
+        if t.dtype not in _FLOATING:
+            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    for name, t in (("parent", parent), ("edge", edge), ("depth", depth), ("obs_pos", obs_pos), ("cand_t", cand_t),
+                    ("cand_label", cand_label)):
+        if t.device != probs.device:
+            raise ValueError(f"{op}: {name} must be on the same device as probs ({probs.device}), got {t.device}")
     if k < 1:
         raise ValueError(f"{op}: k must be at least 1, got {k}")
+    if cand_label.shape[1] < 1:
+        raise ValueError(f"{op}: cand_label must list at least one slot per node, got {list(cand_label.shape)}")
+    if k > cand_label.numel():  # the op counts the listed (non −1) slots; their number is at most this
+        raise ValueError(f"{op}: k = {k} exceeds the number of candidates listed (at most {cand_label.numel()})")
     return probs.new_empty((probs.shape[0], k)), probs.new_empty((probs.shape[0], k), dtype=torch.int64)

@@ -166,6 +166,49 @@ def test_duplicate_candidate_ids_count_once(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fewer_than_k_non_nan_scores_end_in_minus_one(device, dtype):
+    # Documented: NaN scores are never chosen; the slots they would fill hold index -1 and value NaN.
+    probs, sq = make(3, 4, 6, dtype, device)
+    sq[:, 2] = float("nan")
+    values, indices = shammie.frechet_topk(probs, sq, k=6)
+    assert (indices[:, -1] == -1).all() and torch.isnan(values[:, -1]).all()
+    assert sorted(indices[0, :5].tolist()) == [0, 1, 3, 4, 5]
+    v, i = shammie.gemm_bias_topk(probs, sq, None, k=6, largest=True)
+    assert (i[:, -1] == -1).all() and torch.isnan(v[:, -1]).all()
+
+
+def _candidate_cases(device):
+    probs, sq = make(3, 4, 20, torch.float32, device)
+    return probs, sq, {
+        "2-D ids": (torch.tensor([[1, 2]], device=device), ValueError, "candidates must be 1-D"),
+        "2-D mask": (torch.ones(4, 5, dtype=torch.bool, device=device), ValueError, "candidates must be 1-D"),
+        "short mask": (torch.ones(19, dtype=torch.bool, device=device), ValueError,
+                       r"bool candidates mask must have shape \(N,\) = \(20,\)"),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_checks_candidates_like_the_op(device):
+    # The fake (torch.compile, meta) raised nothing for these; the op raises, so a compiled graph would
+    # trace a call the kernel refuses.
+    probs, sq, cases = _candidate_cases(device)
+    for name, (cand, error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            shammie.frechet_topk(probs, sq, 1, cand)
+        with pytest.raises(error, match=message):
+            shammie.frechet_topk(probs.to("meta"), sq.to("meta"), 1, cand.to("meta"))
+        with pytest.raises(error, match=message):
+            shammie.gemm_bias_topk(probs.to("meta"), sq.to("meta"), None, 1, cand.to("meta"))
+    # Repeated ids count once in the op; the fake's (B, k) agrees wherever the op succeeds.
+    cand = torch.tensor([7, 3, 7, 3, 7], device=device)
+    assert shammie.frechet_topk(probs, sq, 2, cand)[1].shape == (3, 2)
+    assert shammie.frechet_topk(probs.to("meta"), sq.to("meta"), 2, cand.to("meta"))[1].shape == (3, 2)
+    torch.library.opcheck(torch.ops.shammie.frechet_topk, (probs, sq, 2, cand))
+    torch.library.opcheck(torch.ops.shammie.gemm_bias_topk, (probs, sq, None, 2, cand, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     probs, sq = make(30, 12, 400, torch.float32, device)
     p2, s2 = probs.t().contiguous().t(), sq.t().contiguous().t()

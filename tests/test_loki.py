@@ -141,6 +141,136 @@ def test_next_class_is_farthest_from_the_locus():
     assert 0 <= Loki(emb, torch.tensor([0, 1, 2])).next_class() < 30
 
 
+def _random_tree_case(rng, n):
+    """A random weighted tree with labels on a random subset of its nodes (or all), random observed
+    labels and a random candidate set: (TreeMetric, DenseMetric of the same distances, observed, cands)."""
+    parent, weight = random_tree(n, int(rng.integers(1 << 30)), True)
+    labels = np.sort(rng.choice(n, int(rng.integers(2, n + 1)), replace=False)) if rng.random() < 0.5 else np.arange(n)
+    tree = TreeMetric(parent, weight, labels)
+    N = labels.shape[0]
+    dense = DenseMetric(torch.from_numpy(nx_distances(parent, weight, labels)))
+    observed = torch.from_numpy(rng.choice(N, int(rng.integers(1, min(N, 5) + 1)), replace=False))
+    cands = None if rng.random() < 0.3 else torch.from_numpy(rng.random(N) < 0.5) | (torch.arange(N) == N - 1)
+    return tree, dense, observed, cands
+
+
+def test_tree_locus_and_next_class_are_exact_over_candidates():
+    # Labels on a subset of the nodes: root c = 0; a = 1, b = 2 at 1; d = 3 at 0.1; labels a, b, d.
+    # The path a-b runs through c, not a label; d (label 2) is the mean of (a, b) for p = (.5, .5).
+    tm = TreeMetric([-1, 0, 0, 0], weight=[0, 1, 1, 0.1], labels=[1, 2, 3])
+    loki = Loki(tm, torch.tensor([0, 1]))
+    assert loki.predict(torch.tensor([[0.5, 0.5]])).tolist() == [2]
+    assert loki.locus().tolist() == [0, 1, 2]
+    assert loki.next_class() == 0  # all at distance 0 from the locus: the lowest id
+    # Candidates that leave out the path's interior: node 3 hangs off node 1 of the path 0-1-2.
+    tm = TreeMetric([-1, 0, 1, 1], weight=[0, 1, 1, 0.1])
+    assert Loki(tm, torch.tensor([0, 2]), candidates=torch.tensor([0, 2, 3])).locus().tolist() == [0, 2, 3]
+    # Candidates off the observed labels' subtree altogether: predict answers 3, so 3 is in the locus.
+    loki = Loki(tm, torch.tensor([0, 2]), candidates=torch.tensor([3]))
+    assert loki.predict(torch.tensor([[0.5, 0.5]])).tolist() == [3] and loki.locus().tolist() == [3]
+    assert loki.next_class() == 3
+    # Random trees against the generic locus (one LP per candidate) on the same distances.
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        tree, dense, observed, cands = _random_tree_case(rng, int(rng.integers(2, 25)))
+        assert Loki(tree, observed, cands).locus().tolist() == Loki(dense, observed, cands).locus().tolist()
+        assert Loki(tree, observed, cands).next_class() == Loki(dense, observed, cands).next_class()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_embedding_metric_with_a_large_common_offset(dtype):
+    # f is translation invariant; ||e_y||² − 2 e_y·m + ... cancelled when every embedding sat near one
+    # far point (unnormalized word/CLIP embeddings), in fp32 too at this offset.
+    gen = torch.Generator().manual_seed(0)
+    D, K, B = 8, 6, 64
+    offset = 1000.0 if dtype == torch.float32 else 100.0
+    spread = 0.01 if dtype == torch.float32 else 1.0
+    emb = (torch.randn(300, D, generator=gen, dtype=torch.float64) * spread + offset).to(dtype)
+    observed = torch.randperm(300, generator=gen)[:K]
+    probs = torch.softmax(torch.randn(B, K, generator=gen) * 2, 1).to(dtype)
+    e = emb.double()  # the brute force in float64 on the embeddings as stored
+    sq = torch.cdist(e[observed], e, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    f = probs.double() @ sq
+    values, indices = Loki(EmbeddingMetric(emb), observed).frechet_topk(probs, 1)
+    got, best = f.gather(1, indices)[:, 0], f.min(1).values
+    if dtype == torch.float32:
+        assert torch.equal(indices[:, 0], f.argmin(1))
+        torch.testing.assert_close(values[:, 0].double(), best, rtol=1e-3, atol=1e-3 * spread ** 2)
+    else:
+        # half precision keeps ~3 digits of the centred terms: a near-tie may flip, by much less than the spread
+        scale = D * spread ** 2
+        assert (got - best).max() <= 0.02 * scale
+        assert (values[:, 0].double() - got).abs().max() <= 0.05 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_and_graph_search_half_probs_with_long_distances(dtype):
+    # Labels on a line; observed: both ends. Squared distances were cast to the probs' dtype: inf in
+    # float16 above 65,504 (a distance above 256), 8 bits in bfloat16 (1,384 vs 1,382.75 below).
+    cases = [(torch.arange(5) * 100, torch.tensor([[0.5, 0.5]])), (torch.arange(5) * 100, torch.tensor([[0.9, 0.1]])),
+             (torch.arange(5) * 100, torch.tensor([[0.3, 0.7]])),
+             (torch.tensor([0, 19, 30, 58]), torch.tensor([[0.9375, 0.6875]]))]
+    for pos, probs in cases:
+        pos, n = pos.double(), pos.shape[0]
+        dist = (pos[:, None] - pos[None]).abs()
+        edges = np.array([[i, i + 1, float(pos[i + 1] - pos[i])] for i in range(n - 1)])
+        observed = torch.tensor([0, n - 1])
+        probs = probs.to(dtype)
+        ref = np.argsort((probs.double() @ dist[observed] ** 2).numpy()[0], kind="stable")
+        for metric in (DenseMetric(dist), DenseMetric(dist.to(dtype)), GraphMetric(edges, num_nodes=n)):
+            _, ids = Loki(metric, observed).frechet_topk(probs, n)
+            assert ids[0].tolist() == ref.tolist(), (type(metric).__name__, pos.tolist(), probs.tolist())
+
+
+def test_graph_parallel_edges_keep_the_shortest():
+    for edges in ([[0, 1, 1.0], [0, 1, 1.0], [1, 2, 1.0]], [[0, 1, 5.0], [0, 1, 1.0], [1, 2, 1.0]],
+                  [[1, 0, 1.0], [0, 1, 3.0], [1, 2, 1.0]]):
+        g = GraphMetric(np.array(edges), num_nodes=3)
+        assert g.distance(torch.tensor([0, 0]), torch.tensor([1, 2])).tolist() == [1.0, 2.0]
+        assert GraphMetric(edges=edges).distance([0], [2]).tolist() == [2.0]
+    coo = scipy.sparse.coo_matrix(([4.0, 1.5], ([0, 0], [1, 1])), shape=(2, 2))  # a duplicate sparse entry
+    assert GraphMetric(adjacency=coo).distance([0], [1]).tolist() == [1.5]
+
+
+def test_graph_edge_list_or_adjacency_is_never_guessed():
+    # A 2- or 3-edge list is also a (2, 2) / (3, 3) matrix: it was read as an adjacency matrix.
+    edges = np.array([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match=r"could be an adjacency matrix or a list of 2 edges.*adjacency=.*edges="):
+        GraphMetric(edges)
+    with pytest.raises(ValueError, match="list of 3 edges"):
+        GraphMetric(torch.tensor([[0, 1, 1.0], [1, 2, 1.0], [2, 3, 1.0]]))
+    assert GraphMetric(edges=edges).num_labels == 3
+    assert GraphMetric(edges, num_nodes=4).num_labels == 4
+    assert GraphMetric(edges=[[0, 1, 1.0], [1, 2, 1.0], [2, 3, 2.0]]).distance([0], [3]).tolist() == [4.0]
+    adj = torch.tensor([[0.0, 2.0], [2.0, 0.0]])
+    assert GraphMetric(adjacency=adj).distance([0], [1]).tolist() == [2.0]
+    assert GraphMetric(np.array([[0, 1], [1, 2], [2, 3], [3, 4]])).num_labels == 5  # (E, 2), E != 2: edges
+    with pytest.raises(ValueError, match="exactly one of"):
+        GraphMetric(edges, edges=edges)
+    with pytest.raises(ValueError, match="node ids .* must be integers"):
+        GraphMetric(edges=[[0, 1.5]])
+
+
+def test_expected_squared_distance_checks_ids_and_reads_a_partial_matrix_both_ways():
+    tree = TreeMetric([-1, 0, 0], [0, 1, 2])
+    for bad, shown in ((torch.tensor([-1]), "-1"), (torch.tensor([3]), "3")):
+        with pytest.raises(ValueError, match=rf"pred holds label id {shown}, out of range \[0, 3\)"):
+            expected_squared_distance(bad, torch.tensor([0]), tree)
+        with pytest.raises(ValueError, match=rf"target holds label id {shown}, out of range \[0, 3\)"):
+            expected_squared_distance(torch.tensor([0]), bad, tree)
+    with pytest.raises(ValueError, match="pred must not be empty"):
+        expected_squared_distance(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), tree)
+    # A partial (R, N) matrix: rows for labels 0..R-1; d is symmetric, so the order does not matter.
+    d = torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 1.5, 2.5]])
+    partial = DenseMetric(d)
+    pred, target = torch.tensor([2, 0, 3, 1]), torch.tensor([0, 3, 1, 1])
+    want = float(np.mean(np.array([2.0, 3.0, 2.5, 0.0]) ** 2))
+    assert expected_squared_distance(pred, target, partial) == pytest.approx(want)
+    assert expected_squared_distance(target, pred, partial) == pytest.approx(want)
+    with pytest.raises(ValueError, match="labels 2 and 3: .* rows for labels 0..1 only"):
+        expected_squared_distance(torch.tensor([0, 2]), torch.tensor([1, 3]), partial)
+
+
 def test_bad_input():
     parent, weight = random_tree(20, 1, True)
     metric = TreeMetric(parent, weight)

@@ -203,3 +203,26 @@ def test_op_bad_plans(device):
         op(probs.long(), *args, 1)
     with pytest.raises(ValueError, match="k must be at least 1"):
         op(probs, *args, 0)
+
+
+def test_fake_checks_the_plan_like_the_op():
+    # The fake checked only probs, the index dtypes and k >= 1: a plan of the wrong shapes traced under
+    # torch.compile and failed only at run time. Each case raises the same error from the op and the fake.
+    _, observed, plan = _plan()
+    args = [plan[n] for n in ORDER]
+    probs = torch.rand(3, observed.shape[0])
+    cases = {
+        "edge shape": ([args[0], args[1][1:], *args[2:]], 1, ValueError, "edge must have shape"),
+        "depth shape": ([*args[:2], args[2][1:], *args[3:]], 1, ValueError, "depth must have shape"),
+        "cand_t shape": ([*args[:4], args[4][:, :1].contiguous(), args[5]], 1, ValueError, "cand_t must have shape"),
+        "cand_label rows": ([*args[:4], args[4][1:], args[5][1:]], 1, ValueError, "cand_label must be"),
+        "parent rank": ([args[0][None], *args[1:]], 1, ValueError, "parent must be 1-D"),
+        "edge dtype": ([args[0], args[1].long(), *args[2:]], 1, TypeError, "edge must be float32"),
+        "k above the slots": (args, args[5].numel() + 1, ValueError, "exceeds the number of candidates"),
+    }
+    for name, (plan_args, k, error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            shammie.tree_frechet_topk(probs, *plan_args, k)
+        with pytest.raises(error, match=message):
+            shammie.tree_frechet_topk(probs.to("meta"), *[a.to("meta") for a in plan_args], k)
+    assert shammie.tree_frechet_topk(probs.to("meta"), *[a.to("meta") for a in args], 2)[1].shape == (3, 2)

@@ -32,17 +32,20 @@ class Loki:
         return self.metric.frechet_topk(probs, self.observed, k, self.candidates)
 
     def locus(self) -> torch.Tensor:
-        """Label ids reachable as a Fréchet mean of the observed labels (see Metric.locus)."""
+        """The candidate label ids (ascending) that predict can return for some probs: the Fréchet means
+        over the candidates (all labels by default) for some p in the simplex (see Metric.locus)."""
         return self.metric.locus(self.observed, self.candidates)
 
     def next_class(self) -> int:
-        """Active selection: the label farthest from the locus."""
+        """Active selection: the candidate label farthest from the locus (ties to the lowest id)."""
         return self.metric.next_class(self.observed, self.candidates)
 
 
 def expected_squared_distance(pred, target, metric: Metric) -> float:
-    """The paper's metric: the mean over samples of d(pred_i, target_i)²."""
-    pred, target = torch.as_tensor(pred).reshape(-1), torch.as_tensor(target).reshape(-1)
+    """The paper's metric: the mean over samples of d(pred_i, target_i)². pred and target: integer label
+    ids in [0, metric.num_labels) (no negative indexing), as many of each, at least one."""
+    pred = _search.check_labels(torch.as_tensor(pred).reshape(-1), metric.num_labels, "pred")
+    target = _search.check_labels(torch.as_tensor(target).reshape(-1), metric.num_labels, "target")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must hold as many labels, got {pred.numel()} and {target.numel()}")
     return float((metric.distance(pred, target).double() ** 2).mean())

@@ -42,7 +42,7 @@ def check_labels(ids, num_labels: int, name: str) -> torch.Tensor:
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= num_labels:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds label id {bad}, out of range for {num_labels} labels")
+        raise ValueError(f"{name} holds label id {bad}, out of range [0, {num_labels})")
     return ids
 
 
@@ -70,9 +70,14 @@ def check_k(k: int, mask: torch.Tensor | None, num_labels: int) -> None:
 
 
 def frechet_topk(probs: torch.Tensor, sq_dists: torch.Tensor, k: int, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """k smallest of probs @ sq_dists over the candidates (shammie's dense op)."""
+    """k smallest of probs @ sq_dists over the candidates (shammie's dense op). Half-precision probs are
+    widened to float32 rather than sq_dists narrowed: a squared distance above 65,504 is inf in float16
+    (a distance above 256), and bfloat16 keeps 8 bits of it. Values come back in probs' dtype."""
     mask = None if mask is None else mask.to(probs.device)
-    return shammie.frechet_topk(probs, sq_dists.to(device=probs.device, dtype=probs.dtype), k=k, candidates=mask)
+    wide = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    values, indices = shammie.frechet_topk(probs.to(wide), sq_dists.to(device=probs.device, dtype=wide), k=k,
+                                           candidates=mask)
+    return values.to(probs.dtype), indices
 
 
 def gemm_bias_topk(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, mask):

@@ -40,7 +40,9 @@ class Metric:
 
     def frechet_topk(self, probs: torch.Tensor, observed, k: int = 1, candidates=None):
         """(values, indices), each (B, k): the k smallest f(y) over the candidate labels, ascending,
-        ties to the lowest label id. probs (B, K) non-negative; observed (K,) label ids."""
+        ties to the lowest label id. probs (B, K) non-negative; observed (K,) label ids. Values come back
+        in probs' dtype (searched in float32 for float16/bfloat16). A NaN score is never chosen: a row
+        with fewer than k non-NaN scores (NaN distances or embeddings) ends in label −1, value NaN."""
         observed = _search.check_labels(observed, self.num_labels, "observed")
         probs = _search.check_probs(probs, observed.shape[0])
         mask = _search.candidate_mask(candidates, self.num_labels)
@@ -48,34 +50,41 @@ class Metric:
         return self._search(probs, observed, k, mask)
 
     def locus(self, observed, candidates=None) -> torch.Tensor:
-        """Label ids that are a Fréchet mean of the observed labels for some p in the simplex.
-        Exact (one small LP per label) up to EXACT_LOCUS_MAX_LABELS labels; above, the union of the
+        """The candidate label ids (ascending) that are a Fréchet mean over the candidates for some p in
+        the simplex: y with Σ_k p_k d(y, λ_k)² minimal among the candidates, ties included. Exact (one
+        small LP per candidate) up to EXACT_LOCUS_MAX_LABELS candidates; above, the union of the
         minimizers over the simplex's vertices, edge midpoints and Dirichlet samples (a subset)."""
         observed = _search.check_labels(observed, self.num_labels, "observed")
         mask = _search.candidate_mask(candidates, self.num_labels)
         cols = torch.arange(self.num_labels) if mask is None else torch.nonzero(mask).flatten()
-        sq = self.sq_dists(observed).double().cpu()[:, cols].numpy()
-        K, n = sq.shape
-        if n <= EXACT_LOCUS_MAX_LABELS:
-            keep = [j for j in range(n) if _in_locus(sq, j)]
-            return cols[torch.tensor(keep, dtype=torch.long)]
-        eye = torch.eye(K, dtype=torch.float64)
-        pairs = torch.combinations(torch.arange(K), 2)[:4096]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            dirichlet = torch.distributions.Dirichlet(torch.ones(K, dtype=torch.float64)).sample((4096,))
-        probs = torch.cat([eye, (eye[pairs[:, 0]] + eye[pairs[:, 1]]) / 2, dirichlet])
-        _, idx = _search.frechet_topk(probs, torch.from_numpy(sq), 1, None)
-        return cols[torch.unique(idx[:, 0])]
+        return cols[_locus_among(self.sq_dists(observed).double().cpu()[:, cols].numpy())]
 
     def next_class(self, observed, candidates=None) -> int:
-        """The label farthest from the locus (ties to the lowest id): the next class to observe."""
+        """The candidate label farthest from the locus (ties to the lowest id): the next class to observe."""
         loc = self.locus(observed, candidates)
         mask = _search.candidate_mask(candidates, self.num_labels)
         d = self.sq_dists(loc).double().cpu().min(dim=0).values
         if mask is not None:
             d = d.masked_fill(~mask, -1.0)
         return int(torch.argmax(d))
+
+
+def _locus_among(sq: np.ndarray, test: np.ndarray | None = None) -> torch.Tensor:
+    """Positions of the columns of sq (K, n) that are a minimizer of p @ sq for some p in the simplex,
+    among the positions test (default: all). One LP each up to EXACT_LOCUS_MAX_LABELS, else sampled."""
+    K, n = sq.shape
+    test = np.arange(n) if test is None else np.asarray(test, dtype=np.int64)
+    if test.shape[0] <= EXACT_LOCUS_MAX_LABELS:
+        return torch.tensor([j for j in test.tolist() if _in_locus(sq, j)], dtype=torch.long)
+    eye = torch.eye(K, dtype=torch.float64)
+    pairs = torch.combinations(torch.arange(K), 2)[:4096]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        dirichlet = torch.distributions.Dirichlet(torch.ones(K, dtype=torch.float64)).sample((4096,))
+    probs = torch.cat([eye, (eye[pairs[:, 0]] + eye[pairs[:, 1]]) / 2, dirichlet])
+    _, idx = _search.frechet_topk(probs, torch.from_numpy(sq), 1, None)
+    found = torch.unique(idx[:, 0])
+    return found[torch.from_numpy(np.isin(found.numpy(), test))]
 
 
 def _in_locus(sq: np.ndarray, j: int) -> bool:
@@ -97,7 +106,9 @@ class DenseMetric(Metric):
             raise ValueError(f"dist must be a floating (R, N) matrix with R <= N, got {dist.dtype} of shape {tuple(dist.shape)}")
         if not bool(torch.isfinite(dist).all()) or bool((dist < 0).any()):
             raise ValueError("dist must hold finite, non-negative distances")
-        self.sq = dist if squared else dist * dist
+        # Squared in float32 at least: a float16 distance above 256 squares to inf.
+        wide = dist if dist.dtype == torch.float64 else dist.float()
+        self.sq = wide if squared else wide * wide
         self.num_labels = dist.shape[1]
 
     def _rows(self, rows):
@@ -110,8 +121,16 @@ class DenseMetric(Metric):
         return self.sq[self._rows(rows).to(self.sq.device)]
 
     def distance(self, a, b):
-        a = self._rows(a)
-        return self.sq[a.to(self.sq.device), torch.as_tensor(b).long().to(self.sq.device)].double().sqrt().cpu()
+        """d(a[i], b[i]). A partial matrix holds the rows of labels 0..R−1 only; d is symmetric, so a pair
+        is read from b's row when a has none, whatever the order; a pair with neither label below R raises."""
+        a, b = torch.as_tensor(a).long().cpu(), torch.as_tensor(b).long().cpu()
+        R = self.sq.shape[0]
+        row, col = torch.where(a < R, a, b), torch.where(a < R, b, a)
+        if bool((row >= R).any()):
+            i = int(torch.nonzero(row >= R)[0])
+            raise ValueError(f"no distance between labels {int(a[i])} and {int(b[i])}: this partial distance matrix "
+                             f"has rows for labels 0..{R - 1} only, and neither is one of them")
+        return self.sq[row.to(self.sq.device), col.to(self.sq.device)].double().sqrt().cpu()
 
 
 class TreeMetric(Metric):
@@ -155,47 +174,121 @@ class TreeMetric(Metric):
         return torch.from_numpy(self.tree.distance(a, b))
 
     def locus(self, observed, candidates=None):
-        """Exact: the labels on the union of the paths between observed labels."""
+        """Exact, as Metric.locus: the candidate labels that are a Fréchet mean over the candidates for some p.
+        Each candidate y meets the observed labels' spanning subtree S at one node a(y), at distance t(y),
+        and d(y, λ) = t(y) + d(a(y), λ) for every observed λ: only the candidates nearest to S at their
+        a(y) can be means. A node of S that is a candidate is one (it lies on a path between two
+        observed labels and is the unique mean over all nodes of some p on the two), with the candidates
+        at distance 0 from it (zero-length edges). So when every node of S is a candidate label (all
+        labels by default, with every node a label) the locus costs linear time; otherwise one small LP
+        per node of S that is not a candidate but has candidates hanging off it decides."""
         observed = _search.check_labels(observed, self.num_labels, "observed")
-        on = self.tree.steiner(self.labels[observed.numpy()])[self.labels]
         mask = _search.candidate_mask(candidates, self.num_labels)
-        if mask is not None:
-            on &= mask.numpy()
-        return torch.from_numpy(np.flatnonzero(on))
+        cand = np.arange(self.num_labels) if mask is None else np.flatnonzero(mask.numpy())
+        steiner = self.tree.steiner(self.labels[observed.numpy()])
+        attach, t = self.tree.project(steiner)
+        a, t = attach[self.labels[cand]], t[self.labels[cand]]
+        is_cand = np.zeros(self.tree.n, dtype=bool)
+        is_cand[self.labels[cand]] = True
+        if is_cand[steiner].all():
+            return torch.from_numpy(cand[t == 0])
+        tmin = np.full(self.tree.n, np.inf)
+        np.minimum.at(tmin, a, t)
+        nearest = t <= tmin[a] * (1 + 1e-12)  # ties at one attachment node have equal distances to all λ
+        order = np.lexsort((cand, t, a))
+        first = order[np.r_[True, a[order][1:] != a[order][:-1]]]  # the nearest candidate at each node
+        chosen = np.zeros(self.tree.n, dtype=bool)
+        chosen[a[first]] = is_cand[a[first]]
+        unsure = np.flatnonzero(~is_cand[a[first]])
+        if unsure.shape[0]:
+            keep = _locus_among(self.sq_dists(observed, cand[first]).numpy(), unsure).numpy()
+            chosen[a[first][keep]] = True
+        return torch.from_numpy(cand[nearest & chosen[a]])
 
     def next_class(self, observed, candidates=None) -> int:
-        observed = _search.check_labels(observed, self.num_labels, "observed")
-        d = self.tree.distance_to_set(self.tree.steiner(self.labels[observed.numpy()]))[self.labels]
+        """The candidate label farthest from the locus (ties to the lowest id), as Metric.next_class."""
+        on = np.zeros(self.tree.n, dtype=bool)
+        on[self.labels[self.locus(observed, candidates).numpy()]] = True
+        d = self.tree.distance_to_nodes(on)[self.labels]
         mask = _search.candidate_mask(candidates, self.num_labels)
         if mask is not None:
             d = np.where(mask.numpy(), d, -1.0)
         return int(np.argmax(d))
 
 
-class GraphMetric(Metric):
-    """Shortest-path distance on an undirected graph: adjacency (N, N) scipy sparse (or dense) with edge
-    lengths, or an edge list (E, 2) / (E, 3) [u, v, length] with num_nodes. Only the K observed rows
-    are ever computed (scipy's Dijkstra), then searched densely."""
+def _edge_graph(u, v, w, num_nodes: int, what: str):
+    """Symmetric CSR adjacency from edges (u[i], v[i]) of length w[i]. Parallel edges (either direction)
+    keep the shortest, as shortest paths would: a plain CSR build would add their lengths up."""
+    if u.shape[0] and (min(u.min(), v.min()) < 0 or max(u.max(), v.max()) >= num_nodes):
+        raise ValueError(f"{what} names a node outside [0, {num_nodes})")
+    if not np.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(f"{what}: edge lengths must be finite and positive")
+    lo, hi = np.minimum(u, v), np.maximum(u, v)
+    order = np.lexsort((w, hi, lo))
+    lo, hi, w = lo[order], hi[order], w[order]
+    first = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])] if lo.shape[0] else np.zeros(0, dtype=bool)
+    lo, hi, w = lo[first], hi[first], w[first]
+    return scipy.sparse.csr_matrix((np.r_[w, w], (np.r_[lo, hi], np.r_[hi, lo])), shape=(num_nodes, num_nodes))
 
-    def __init__(self, adjacency, num_nodes: int | None = None):
-        if scipy.sparse.issparse(adjacency):
-            graph = scipy.sparse.csr_matrix(adjacency, dtype=np.float64)
+
+def _edge_list(edges, num_nodes):
+    """The graph of an (E, 2) / (E, 3) edge list [u, v(, length)]; num_nodes defaults to max id + 1."""
+    arr = np.asarray(edges, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] not in (2, 3):
+        raise ValueError(f"edges must be an (E, 2) or (E, 3) array of [u, v] or [u, v, length], got shape {arr.shape}")
+    ends = arr[:, :2]
+    if not (np.isfinite(ends).all() and (ends == np.round(ends)).all()):
+        raise ValueError("edges: the node ids (first two columns) must be integers")
+    if num_nodes is None:
+        if arr.shape[0] == 0:
+            raise ValueError("edges is empty: pass num_nodes")
+        num_nodes = int(ends.max()) + 1
+    w = arr[:, 2] if arr.shape[1] == 3 else np.ones(arr.shape[0])
+    return _edge_graph(ends[:, 0].astype(np.int64), ends[:, 1].astype(np.int64), w, int(num_nodes), "edges")
+
+
+def _adjacency(adjacency, num_nodes):
+    """The graph of an (N, N) adjacency matrix (scipy sparse or dense; a zero dense entry is no edge)."""
+    if scipy.sparse.issparse(adjacency):
+        coo = scipy.sparse.coo_matrix(adjacency)
+    else:
+        arr = np.asarray(adjacency, dtype=np.float64)
+        if arr.ndim != 2:
+            raise ValueError(f"adjacency must be a square (N, N) matrix, got shape {arr.shape}")
+        coo = scipy.sparse.coo_matrix(arr)
+    if coo.shape[0] != coo.shape[1]:
+        raise ValueError(f"adjacency must be a square (N, N) matrix, got shape {coo.shape}")
+    if num_nodes is not None and num_nodes != coo.shape[0]:
+        raise ValueError(f"num_nodes = {num_nodes} but adjacency is {coo.shape}")
+    return _edge_graph(coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data.astype(np.float64),
+                       coo.shape[0], "adjacency")
+
+
+class GraphMetric(Metric):
+    """Shortest-path distance on an undirected graph. Give it, by keyword, adjacency (N, N) (scipy sparse
+    or dense; edge lengths, a zero dense entry is no edge) or edges (E, 2) / (E, 3) [u, v(, length)]
+    (num_nodes defaults to the largest id + 1). Positionally, the shape decides: a scipy sparse or square
+    (N, N) array is an adjacency, an (E, 2)/(E, 3) array an edge list; a (2, 2) or (3, 3) array is one
+    only with num_nodes (an edge list) and otherwise raises, as it could be either. Parallel edges keep
+    the shortest. Only the K observed rows are ever computed (scipy's Dijkstra), then searched densely."""
+
+    def __init__(self, graph=None, num_nodes: int | None = None, *, adjacency=None, edges=None):
+        given = [name for name, x in (("graph", graph), ("adjacency", adjacency), ("edges", edges)) if x is not None]
+        if len(given) != 1:
+            raise ValueError(f"pass exactly one of graph (positional), adjacency= or edges=, got {given or 'none'}")
+        if edges is not None:
+            graph = _edge_list(edges, num_nodes)
+        elif adjacency is not None:
+            graph = _adjacency(adjacency, num_nodes)
+        elif scipy.sparse.issparse(graph):
+            graph = _adjacency(graph, num_nodes)
         else:
-            arr = np.asarray(adjacency, dtype=np.float64)
-            if arr.ndim == 2 and arr.shape[1] in (2, 3) and num_nodes is not None:
-                w = arr[:, 2] if arr.shape[1] == 3 else np.ones(arr.shape[0])
-                u, v = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64)
-                if arr.shape[0] and (min(u.min(), v.min()) < 0 or max(u.max(), v.max()) >= num_nodes):
-                    raise ValueError(f"edge list names a node outside [0, {num_nodes})")
-                graph = scipy.sparse.csr_matrix((w, (u, v)), shape=(num_nodes, num_nodes))
-            elif arr.ndim == 2 and arr.shape[0] == arr.shape[1]:
-                graph = scipy.sparse.csr_matrix(arr)
-            else:
-                raise ValueError("adjacency must be a square (N, N) matrix, or an (E, 2)/(E, 3) edge list with num_nodes")
-        if graph.shape[0] != graph.shape[1]:
-            raise ValueError(f"adjacency must be square, got {graph.shape}")
-        if graph.nnz and (not np.isfinite(graph.data).all() or (graph.data <= 0).any()):
-            raise ValueError("edge lengths must be finite and positive")
+            shape = np.shape(graph)
+            is_edges = len(shape) == 2 and shape[1] in (2, 3)
+            if is_edges and shape[0] == shape[1] and num_nodes is None:
+                raise ValueError(f"graph: a {tuple(shape)} array could be an adjacency matrix or a list of {shape[0]} edges; "
+                                 "pass it as adjacency=... or edges=... (or give num_nodes for an edge list)")
+            graph = _edge_list(graph, num_nodes) if is_edges else _adjacency(graph, num_nodes)
         self.graph = graph
         self.num_labels = graph.shape[0]
         self._rows_cache = (None, None)
@@ -221,8 +314,11 @@ class GraphMetric(Metric):
 
 
 class EmbeddingMetric(Metric):
-    """d(y, z) = ||e_y − e_z|| for label embeddings emb (N, D). f(y) = P·||e_y||² − 2 e_y·m + c with
-    m = Σ_k p_k e_{λ_k}, P = Σp, c = Σ_k p_k ||e_{λ_k}||², so the search is one GEMM + bias + top-k."""
+    """d(y, z) = ||e_y − e_z|| for label embeddings emb (N, D). With c = e − mean(e) (f is translation
+    invariant), f(y) = P·||c_y||² − 2 P c_y·m + C with m = Σ_k p_k c_{λ_k} / P, P = Σp and
+    C = Σ_k p_k ||c_{λ_k}||², so the search is one GEMM + bias + top-k. Centring (once, the mean in
+    float64) keeps the terms as small as the spread of the embeddings: with a large common offset they
+    would cancel, and lose the minimum, in float16 and bfloat16 (and float32 far enough out)."""
 
     def __init__(self, emb):
         emb = torch.as_tensor(emb)
@@ -230,19 +326,24 @@ class EmbeddingMetric(Metric):
             raise ValueError(f"emb must be a floating (N, D) matrix, got {emb.dtype} of shape {tuple(emb.shape)}")
         self.emb = emb
         self.num_labels = emb.shape[0]
-        self._w = emb.t().contiguous()
-        self._bias = (emb.double() ** 2).sum(dim=1).to(emb.dtype)
+        e = emb.double()
+        finite = torch.isfinite(e).all(dim=1)  # a NaN or inf row must not spoil the mean of the others
+        centre = e[finite].mean(dim=0) if bool(finite.any()) else torch.zeros_like(e[0])
+        self._centred = (e - centre).to(emb.dtype)
+        self._w = self._centred.t().contiguous()
+        self._bias = (self._centred.double() ** 2).sum(dim=1).to(emb.dtype)
 
     def _search(self, probs, observed, k, mask):
         acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
         p = probs.to(acc)
-        obs = self.emb[observed.to(self.emb.device)].to(device=probs.device, dtype=acc)
+        obs = self._centred[observed.to(self.emb.device)].to(device=probs.device, dtype=acc)
         total = p.sum(dim=1, keepdim=True)
         x = (-2.0 / total) * (p @ obs)
         values, indices = _search.gemm_bias_topk(x.to(probs.dtype), self._w.to(device=probs.device, dtype=probs.dtype),
                                                  self._bias.to(device=probs.device, dtype=probs.dtype), k, mask)
         const = p @ (obs * obs).sum(dim=1)
-        return (values.to(acc) * total + const[:, None]).to(probs.dtype), indices
+        # f >= 0; rounding can leave a near-zero minimum slightly below
+        return (values.to(acc) * total + const[:, None]).clamp_min(0).to(probs.dtype), indices
 
     def sq_dists(self, rows):
         e = self.emb.double().cpu()

@@ -138,15 +138,27 @@ class Tree:
         mask[top] = True
         return mask
 
-    def distance_to_set(self, mask: np.ndarray) -> np.ndarray:
-        """Each node's distance to the nearest node of a connected set (mask)."""
+    def project(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a connected set of nodes (mask): each node's nearest node in the set, and its distance to it."""
         top = int(np.flatnonzero(mask)[np.argmin(self.hops[mask])])
         route = mask | self.ancestors_closure(np.array([top]))
         anc = nearest_marked_ancestor(self.parent, route)
         dist = self.depth - self.depth[anc]
         off = ~mask[anc]  # attached above the set's top: go down from there to the top
         dist[off] += self.depth[top] - self.depth[anc[off]]
-        return dist
+        return np.where(off, top, anc), dist
+
+    def distance_to_nodes(self, mask: np.ndarray) -> np.ndarray:
+        """Each node's distance to the nearest marked node, for any set (mask): one sweep up the tree and
+        one down, a level at a time (vectorized within a level)."""
+        best = np.where(mask, 0.0, np.inf)
+        order = np.argsort(self.hops, kind="stable")
+        levels = np.split(order, np.searchsorted(self.hops[order], np.arange(1, int(self.hops.max()) + 1)))
+        for at in reversed(levels[1:]):  # children to parents
+            np.minimum.at(best, self.parent[at], best[at] + self.weight[at])
+        for at in levels[1:]:  # parents to children
+            best[at] = np.minimum(best[at], best[self.parent[at]] + self.weight[at])
+        return best
 
     def plan(self, obs_nodes: np.ndarray, cand_nodes: np.ndarray, cand_labels: np.ndarray, k: int) -> dict:
         """The inputs of shammie.tree_frechet_topk for these observed nodes and candidate labels."""
