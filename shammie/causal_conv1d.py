@@ -58,13 +58,15 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Any width; float32, float16, bfloat16 or float64 (one dtype for all; math in float32, or float64);
     x may be channel-last or sliced. `initial_states` (batch, dim, width − 1) are the inputs before
     x[..., 0] (zeros when absent); `return_final_states` also returns the last width − 1 inputs, which
-    start the next chunk (written into `final_states_out` when given). Differentiable in x, weight,
-    bias and initial_states.
+    start the next chunk (written into `final_states_out` when given: x's shape, dtype and device).
+    Differentiable in x, weight, bias and initial_states.
 
     Packed sequences: `seq_idx` (batch, seqlen), int32 or int64, gives each step's sequence id; a tap
     reads x only at steps with the output's id, so every sequence starts from zeros. Ids must be
     non-decreasing along each row, as mamba_ssm makes them (an id that came back after a short other
-    sequence would be read across it). `initial_states` then belong to the first sequence.
+    sequence would be read across it). `initial_states` then belong to the first sequence, and the
+    final states to each row's last sequence: zeros at the steps of earlier sequences (what
+    causal_conv1d_varlen_states gives; causal-conv1d refuses seq_idx with either).
     """
     if isinstance(seq_idx, str):
         raise TypeError("causal_conv1d_fn: seq_idx must be a tensor or None, got a string; pass activation= by "
@@ -90,19 +92,32 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             seq_ext = torch.cat([seq_idx[:, :1].expand(batch, history), seq_idx], dim=1)
         out = _conv(extended, weight, bias, _silu(activation), seq_ext)[..., history:]
     else:
-        extended = x
+        extended, seq_ext = x, None
         out = _conv(x, weight, bias, _silu(activation), seq_idx)
     if not return_final_states:
         return out
-    if extended.shape[-1] < history:   # a short first chunk: zeros before it, as the kernel assumes
-        extended = torch.nn.functional.pad(extended, (history - extended.shape[-1], 0))
-    # A copy, as causal-conv1d returns: a view of x would let the decode step's in-place update of the
-    # state overwrite the prompt (and autograd's saved x).
-    final_states = extended[..., extended.shape[-1] - history:].clone()
-    if final_states_out is not None:
+    if final_states_out is not None:   # checked before anything is written, as causal-conv1d does
         if tuple(final_states_out.shape) != (batch, dim, history):
             raise ValueError(f"causal_conv1d_fn: final_states_out must have shape {(batch, dim, history)}, "
                              f"got {tuple(final_states_out.shape)}")
+        if final_states_out.dtype != x.dtype or final_states_out.device != x.device:
+            raise TypeError(f"causal_conv1d_fn: final_states_out must have x's dtype and device ({x.dtype}, "
+                            f"{x.device}), got ({final_states_out.dtype}, {final_states_out.device})")
+    start = max(extended.shape[-1] - history, 0)
+    final_states = extended[..., start:]
+    if seq_idx is not None and final_states.shape[-1] > 0:
+        # The state continues the row's last sequence: zeros at the steps of earlier sequences, as
+        # causal_conv1d_varlen_states gives (causal-conv1d refuses seq_idx with return_final_states).
+        ids = seq_ext if seq_ext is not None else seq_idx
+        last = (ids[:, start:] == ids[:, -1:]).unsqueeze(1)
+        final_states = torch.where(last, final_states, final_states.new_zeros(()))
+    else:
+        # A copy, as causal-conv1d returns: a view of x would let the decode step's in-place update of
+        # the state overwrite the prompt (and autograd's saved x).
+        final_states = final_states.clone()
+    if final_states.shape[-1] < history:   # a short first chunk: zeros before it, as the kernel assumes
+        final_states = torch.nn.functional.pad(final_states, (history - final_states.shape[-1], 0))
+    if final_states_out is not None:
         final_states = final_states_out.copy_(final_states)
     return out, final_states
 
@@ -112,8 +127,9 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
                          cache_seqlens: torch.Tensor | None = None,
                          conv_state_indices: torch.Tensor | None = None) -> torch.Tensor:
     """Decode step, causal-conv1d's signature: x (batch, dim) or (batch, dim, seqlen); conv_state
-    (batch, dim, state_len ≥ width − 1) is updated in place to the last state_len inputs. Returns out,
-    shaped like x.
+    (batch, dim, state_len ≥ width − 1) is updated in place to the last state_len inputs (its version
+    counter bumped; a conv_state requiring grad is refused under grad mode). Returns out, shaped like x;
+    no derivative (a backward through out raises).
 
     Continuous batching: `conv_state_indices` (batch,) int32/int64 makes conv_state a cache of any number
     of rows, element b using row conv_state_indices[b]; −1 marks a padding element (its row is not

@@ -24,7 +24,8 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     D, dt_bias (dim,). Mamba-2: state (batch, nheads, dim, dstate); x, dt, z (batch, nheads, dim);
     A (nheads, dim, dstate); B, C (batch, ngroups, dstate); D, dt_bias (nheads, dim).
     x, dt, z, B, C share a dtype; state has that dtype or float32; math in float32 (float64 for float64).
-    Returns out shaped like x; `state` is updated in place.
+    Returns out shaped like x; `state` is updated in place (its version counter bumped; a state
+    requiring grad is refused under grad mode). No derivative: a backward through out raises.
 
     Continuous batching (mamba_ssm's `state_batch_indices`, (batch,) int32/int64): state is a cache of
     any number of rows and element b updates row state_batch_indices[b]; −1 marks a padding element
@@ -80,7 +81,10 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     scan = _Transformable.apply if under_transform() else torch.ops.shammie.selective_scan   # torch.func transforms
     out, checkpoints = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if return_last_state:
-        return out, checkpoints[:, :, -1]
+        # A copy, as mamba_ssm's own tensor: a view would keep every checkpoint alive for as long as the
+        # caller holds the state (a decode cache), and a decode step writing it in place would overwrite
+        # a checkpoint that autograd saved for the backward.
+        return out, checkpoints[:, :, -1].clone()
     return out
 
 

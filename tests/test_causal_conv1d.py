@@ -288,6 +288,34 @@ def test_initial_states_gradcheck_and_final_states_out():
     assert torch.equal(x, prompt)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_bumps_the_state_version_and_refuses_a_state_requiring_grad(device):
+    x, w, b = make((2, 3, 1, 4), torch.float32, device)
+    state = torch.randn(2, 3, 3, device=device)
+    version = state._version
+    with torch.inference_mode():   # a normal tensor written in inference mode still counts the write
+        shammie.causal_conv1d_update(x[:, :, 0], state, w, b, "silu")
+    torch.ops.shammie.causal_conv1d_update(x[:, :, 0], state, w, b, True)
+    assert state._version == version + 2
+    # Autograd saved the state (through an alias sharing its version counter): the update is seen.
+    leaf = torch.randn(2, 3, 3, device=device, requires_grad=True)
+    saved = leaf * 1.0
+    y = (saved * saved).sum()
+    shammie.causal_conv1d_update(x[:, :, 0], saved.detach(), w, b)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="causal_conv1d_update: conv_state requires grad"):
+        shammie.causal_conv1d_update(x[:, :, 0], leaf, w, b)
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():
+        shammie.causal_conv1d_update(x[:, :, 0], leaf, w, b)   # as torch allows an in-place op on a leaf
+    # No derivative: a backward through out raises instead of leaving x.grad silently None.
+    out = shammie.causal_conv1d_update(x[:, :, 0].clone().requires_grad_(), state, w, b)
+    with pytest.raises(RuntimeError, match="derivative for shammie::causal_conv1d_update is not implemented"):
+        out.sum().backward()
+
+
 def test_chunking_arguments_bad_input():
     x, w, b = make((2, 4, 9, 4), torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"initial_states must have shape \(batch, dim, width - 1\) = \(2, 4, 3\)"):
@@ -296,6 +324,10 @@ def test_chunking_arguments_bad_input():
         shammie.causal_conv1d_fn(x, w, b, initial_states=torch.zeros(2, 4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"final_states_out must have shape \(2, 4, 3\)"):
         shammie.causal_conv1d_fn(x, w, b, return_final_states=True, final_states_out=torch.zeros(2, 4, 2))
+    wrong = torch.zeros(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"final_states_out must have x's dtype and device \(torch.float32, cpu\)"):
+        shammie.causal_conv1d_fn(x, w, b, return_final_states=True, final_states_out=wrong)
+    assert not wrong.any()   # checked before anything is written
     with pytest.raises(ValueError, match=r"seq_idx must have shape \(batch, seqlen\) = \(2, 9\)"):
         shammie.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 8, dtype=torch.int32))
     with pytest.raises(TypeError, match="seq_idx must be int32 or int64"):
@@ -359,6 +391,37 @@ def test_packed_sequences_gradcheck_and_opcheck(device):
     torch.library.opcheck(torch.ops.shammie.causal_conv1d, (x, w, b, True, seq_idx.long()))
     torch.library.opcheck(torch.ops.shammie.causal_conv1d, (*args, False, seq_idx))
     torch.library.opcheck(torch.ops.shammie.causal_conv1d_backward, (torch.randn_like(x), x, w, None, True, seq_idx))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_packed_sequences_final_states_continue_the_last_sequence(with_initial, device):
+    # Each row's last sequence: 1, 2 and 5 steps long (width - 1 = 3), and one sequence on the whole row.
+    seq_idx = torch.tensor([[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 1, 1], [0, 2, 2, 2, 2, 2], [3] * 6],
+                           dtype=torch.int32, device=device)
+    x, w, b = make((4, 3, 6, 4), torch.float64, device)
+    initial = torch.randn(4, 3, 3, dtype=torch.float64, device=device) if with_initial else None
+    _, final = shammie.causal_conv1d_fn(x, w, b, seq_idx=seq_idx, initial_states=initial, return_final_states=True)
+    last_len = [1, 2, 5, 6]
+    expected = torch.zeros(4, 3, 3, dtype=torch.float64, device=device)
+    for row, n in enumerate(last_len):
+        tail = x[row, :, -n:]
+        if n == 6 and with_initial:   # a single sequence: the initial states are its start
+            tail = torch.cat([initial[row], tail], dim=-1)
+        expected[row, :, 3 - min(n, 3):] = tail[:, -3:]
+    torch.testing.assert_close(final, expected, rtol=0, atol=0)
+    # Decoding from it continues the last sequence alone.
+    token = torch.randn(4, 3, dtype=torch.float64, device=device)
+    step = shammie.causal_conv1d_update(token, final, w, b, "silu")
+    for row, n in enumerate(last_len):
+        alone = torch.cat([x[row:row + 1, :, -n:], token[row:row + 1, :, None]], dim=-1)
+        start = initial[row:row + 1] if n == 6 and with_initial else None
+        whole = shammie.causal_conv1d_fn(alone, w, b, initial_states=start, activation="silu")
+        torch.testing.assert_close(step[row], whole[0, :, -1])
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) + ((initial,) if with_initial else ())]
+    fn = lambda x, w, b, *init: shammie.causal_conv1d_fn(x, w, b, seq_idx=seq_idx, initial_states=init[0] if init else None,
+                                                         return_final_states=True)
+    assert torch.autograd.gradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)

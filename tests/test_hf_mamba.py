@@ -293,6 +293,19 @@ def test_patch_is_undone():
     assert not is_patched()
 
 
+def test_overlapping_patches_restored_in_any_order():
+    import transformers.models.mamba2.modeling_mamba2 as mm2
+    original = mm2.mamba2_chunk_scan
+    first, second = use_shammie_kernels(), use_shammie_kernels()
+    first.restore()   # out of order: the second handle is still live
+    assert is_patched()
+    first.restore()   # twice is harmless
+    with use_shammie_kernels():
+        second.restore()
+        assert is_patched()
+    assert not is_patched() and mm2.mamba2_chunk_scan is original
+
+
 def test_mamba2_wrappers_pass_packed_sequences_through():
     """transformers' names for the Mamba-2 kernels take mamba_ssm's seq_idx / cu_seqlens arguments."""
     import shammie

@@ -606,13 +606,15 @@ def test_bad_input_is_a_clear_error(change, error, message):
 
 def split_reference(zxbcdt, weight, bias, dt_bias, A, D, headdim, ngroups, rms_weight, eps, out_w, out_b,
                     norm_before_gate, initial_states, dt_limit):
-    """The mixer written from the references in float64: conv, sequential scan, grouped gated RMSNorm, GEMM."""
+    """The mixer written from the references in float64: conv, sequential scan, grouped gated RMSNorm, the
+    gated MLP's channels (mamba_ssm's d_nonssm) ahead, GEMM."""
     from shammie.reference.causal_conv1d import causal_conv1d_reference
 
     heads = A.shape[0]
     dim = heads * headdim
-    dstate = (zxbcdt.shape[-1] - 2 * dim - heads) // (2 * ngroups)
-    z, xBC, dt = zxbcdt.split([dim, dim + 2 * ngroups * dstate, heads], dim=-1)
+    dstate = (weight.shape[0] - dim) // (2 * ngroups)
+    nonssm = (zxbcdt.shape[-1] - 2 * dim - 2 * ngroups * dstate - heads) // 2
+    z0, x0, z, xBC, dt = zxbcdt.split([nonssm, nonssm, dim, dim + 2 * ngroups * dstate, heads], dim=-1)
     xBC = causal_conv1d_reference(xBC.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)
     x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
     y, state = ssd_scan_reference(x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
@@ -625,6 +627,7 @@ def split_reference(zxbcdt, weight, bias, dt_bias, A, D, headdim, ngroups, rms_w
         g = y.unflatten(-1, (ngroups, dim // ngroups))
         y = (g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * rms_weight
         y = y * gate if norm_before_gate else y
+    y = torch.cat([z0 * torch.sigmoid(z0) * x0, y], dim=-1)
     if out_w is not None:
         y = y @ out_w.T + (out_b if out_b is not None else 0)
     return y, state
@@ -635,20 +638,25 @@ SPLIT_CASES = {
     "norm before gate, one group": dict(ngroups=1, norm=True, before=True, proj=True, D="channel"),
     "z in the scan, no norm, no proj, initial state, dt_limit": dict(ngroups=2, norm=False, before=True, proj=False,
                                                                     D="head", initial=True, limit=(0.05, 1.0)),
+    "gated MLP channels (d_nonssm = 5), norm, out-proj": dict(ngroups=2, norm=True, before=False, proj=True,
+                                                              D="head", nonssm=5),
+    "gated MLP channels (d_nonssm = 3), z in the scan, no proj": dict(ngroups=1, norm=False, before=True, proj=False,
+                                                                      D="channel", nonssm=3, initial=True),
 }
 
 
-def split_inputs(ngroups, norm, before, proj, D, initial=False, limit=NO_LIMIT, batch=2, L=40, heads=4, headdim=3,
-                 dstate=8, width=4, out_dim=7, dtype=torch.float64):
+def split_inputs(ngroups, norm, before, proj, D, initial=False, limit=NO_LIMIT, nonssm=0, batch=2, L=40, heads=4,
+                 headdim=3, dstate=8, width=4, out_dim=7, dtype=torch.float64):
     g = torch.Generator().manual_seed(5)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
     dim = heads * headdim
     conv_dim = dim + 2 * ngroups * dstate
-    return dict(zxbcdt=r(batch, L, 2 * dim + 2 * ngroups * dstate + heads), conv1d_weight=r(conv_dim, width) * 0.5,
+    return dict(zxbcdt=r(batch, L, 2 * nonssm + 2 * dim + 2 * ngroups * dstate + heads),
+                conv1d_weight=r(conv_dim, width) * 0.5,
                 conv1d_bias=r(conv_dim), dt_bias=r(heads) * 0.3,
                 A=-torch.rand(heads, generator=g, dtype=torch.float64).to(dtype) - 0.2,
                 D=r(heads) if D == "head" else r(heads, headdim), headdim=headdim, ngroups=ngroups,
-                rmsnorm_weight=r(dim) if norm else None, outproj_weight=r(out_dim, dim) if proj else None,
+                rmsnorm_weight=r(dim) if norm else None, outproj_weight=r(out_dim, nonssm + dim) if proj else None,
                 outproj_bias=r(out_dim) if proj else None, norm_before_gate=before,
                 initial_states=r(batch, heads, headdim, dstate) if initial else None, dt_limit=limit)
 
@@ -664,6 +672,31 @@ def test_split_conv1d_scan_matches_reference(case):
         inputs["outproj_bias"], inputs["norm_before_gate"], inputs["initial_states"], inputs["dt_limit"])
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
+
+
+def test_split_gated_mlp_channels_gradients_match_reference():
+    """mamba_ssm's d_nonssm > 0 layout: zxbcdt = (z0, x0, z, xBC, dt), silu(z0)·x0 ahead of the mixer's
+    output into the out-projection; gradients of the recomputing training path against the reference."""
+    inputs = split_inputs(**SPLIT_CASES["gated MLP channels (d_nonssm = 5), norm, out-proj"], initial=True, L=20)
+    names = ["zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "rmsnorm_weight", "outproj_weight",
+             "outproj_bias", "initial_states"]
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in names}
+    rest = {k: v for k, v in inputs.items() if k not in names}
+    out, state = shammie.mamba_split_conv1d_scan_combined(**leaves, **rest, chunk_size=8, rmsnorm_eps=1e-5,
+                                                          return_final_states=True)
+    assert out.shape == (2, 20, 7)
+    ref_out, ref_state = split_reference(
+        *(leaves[k] for k in names[:6]), inputs["headdim"], inputs["ngroups"], leaves["rmsnorm_weight"], 1e-5,
+        leaves["outproj_weight"], leaves["outproj_bias"], inputs["norm_before_gate"], leaves["initial_states"],
+        inputs["dt_limit"])
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, state)]
+    loss = lambda o, s: (o * weights[0]).sum() + (s * weights[1]).sum()
+    got = torch.autograd.grad(loss(out, state), list(leaves.values()))
+    want = torch.autograd.grad(loss(ref_out, ref_state), list(leaves.values()))
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_split_conv1d_scan_gradcheck_and_float32():
@@ -758,11 +791,19 @@ def test_split_conv1d_scan_bad_input():
     inputs = split_inputs(ngroups=2, norm=True, before=False, proj=True, D="head")
     with pytest.raises(ValueError, match="pass headdim when D is per head"):
         shammie.mamba_split_conv1d_scan_combined(**{**inputs, "headdim": None}, chunk_size=16)
-    with pytest.raises(ValueError, match=r"zxbcdt's last dim \(\d+\) must be 2·dim \+ 2·ngroups·dstate \+ nheads"):
+    with pytest.raises(ValueError, match=r"zxbcdt's last dim \(59\) must be 2·d_nonssm \+ 2·dim \+ 2·ngroups·dstate "
+                                         r"\+ nheads = 2·d_nonssm \+ 60"):
         shammie.mamba_split_conv1d_scan_combined(**{**inputs, "zxbcdt": inputs["zxbcdt"][..., :-1]}, chunk_size=16)
-    with pytest.raises(ValueError, match=r"conv1d_weight must be \(44, width\)"):
+    with pytest.raises(ValueError, match=r"conv1d_weight must be \(dim \+ 2·ngroups·dstate, width\) .* dim = 12, "
+                                         r"ngroups = 2 .* got \(43, 4\)"):
         shammie.mamba_split_conv1d_scan_combined(**{**inputs, "conv1d_weight": inputs["conv1d_weight"][:-1]},
                                                  chunk_size=16)
+    # A conv weight 4 rows short reads as dstate 7 and d_nonssm 2: the out-projection's width tells.
+    with pytest.raises(ValueError, match=r"outproj_weight must be \(out_dim, d_nonssm \+ dim\) = \(out_dim, 14\)"):
+        shammie.mamba_split_conv1d_scan_combined(**{**inputs, "conv1d_weight": inputs["conv1d_weight"][:-4],
+                                                    "conv1d_bias": inputs["conv1d_bias"][:-4]}, chunk_size=16)
+    with pytest.raises(ValueError, match=r"nheads \(4\) must be a multiple of ngroups \(3\)"):
+        shammie.mamba_split_conv1d_scan_combined(**{**inputs, "ngroups": 3}, chunk_size=16)
     with pytest.raises(ValueError, match=r"rmsnorm_weight must have shape \(12,\)"):
         shammie.mamba_split_conv1d_scan_combined(**{**inputs, "rmsnorm_weight": inputs["rmsnorm_weight"][:-1]},
                                                  chunk_size=16)

@@ -116,6 +116,23 @@ def test_every_cpu_instruction_set_copy(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("checkpoints", [1, 3])
+def test_last_state_is_its_own_tensor(checkpoints, device):
+    # The decode cache keeps the last state: a view would keep every checkpoint alive, and the decode
+    # step writing it in place would overwrite a checkpoint autograd saved for the backward.
+    N = 4
+    inputs = make(1, 3, checkpoints * checkpoint_interval(N), N, device=device)
+    inputs["u"].requires_grad_()
+    out, last = shammie.selective_scan_fn(**inputs, return_last_state=True)
+    assert last._base is None and last.untyped_storage().nbytes() == last.numel() * last.element_size()
+    expected = torch.autograd.grad(out.sum(), inputs["u"], retain_graph=True)[0]
+    with torch.no_grad():
+        shammie.selective_state_update(last, torch.randn(1, 3, device=device), torch.rand(1, 3, device=device),
+                                       inputs["A"], torch.randn(1, N, device=device), torch.randn(1, N, device=device))
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), inputs["u"])[0], expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bc", ["variable", "grouped", "constant"])
 def test_gradcheck(bc, device):
     inputs = make(1, 4, 2 * checkpoint_interval(4) + 3, 4, bc=bc, dtype=torch.float64, device=device)

@@ -111,6 +111,31 @@ def test_opcheck_and_compile(device):
     torch.testing.assert_close(compiled_state, state_eager)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_version_bumps_and_a_state_requiring_grad_is_refused(device):
+    inputs = make(2, 8, 4, heads=2, device=device)
+    state = inputs["state"]
+    version = state._version
+    shammie.selective_state_update(**inputs, dt_softplus=True)
+    with torch.no_grad():
+        shammie.selective_state_update(**inputs, dt_softplus=True)
+    assert state._version == version + 2
+    # A state autograd saved, updated through an alias (.detach() shares the version counter).
+    leaf = state.clone().requires_grad_()
+    saved = leaf.exp()
+    with torch.no_grad():
+        shammie.selective_state_update(**{**inputs, "state": saved.detach()}, dt_softplus=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="selective_state_update: state requires grad"):
+        shammie.selective_state_update(**{**inputs, "state": leaf}, dt_softplus=True)
+    assert torch.equal(leaf.detach(), before)
+    out = shammie.selective_state_update(**{**inputs, "x": inputs["x"].clone().requires_grad_()})
+    with pytest.raises(RuntimeError, match="derivative for shammie::selective_state_update is not implemented"):
+        out.sum().backward()
+
+
 def test_bad_input_is_a_clear_error():
     good = make(2, 8, 16)
     def call(**changes):

@@ -49,6 +49,12 @@ TORCH_LIBRARY_IMPL(shammie, Autograd, m) {
                              const OptTensor& seq_idx) {
     return CausalConv1dFunction::apply(x, weight, bias, silu, seq_idx);
   });
+  // The decode step writes conv_state in place and has no derivative (common/autograd.h).
+  m.impl("causal_conv1d_update", torch::CppFunction::makeFromBoxedFunction<&autograd::inplace_no_derivative_autograd>());
+}
+
+TORCH_LIBRARY_IMPL(shammie, ADInplaceOrView, m) {
+  m.impl("causal_conv1d_update", torch::CppFunction::makeFromBoxedFunction<&autograd::inplace_bump_version>());
 }
 
 }  // namespace shammie::conv1d

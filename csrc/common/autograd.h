@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <string>
@@ -31,5 +32,17 @@ variable_list once_differentiable(const std::string& op, variable_list grads, co
 inline std::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
+
+// The decode steps (causal_conv1d_update, selective_state_update) write a state argument declared
+// `Tensor(a!)` and have no derivative. A custom op gets no ADInplaceOrView kernel of its own, so
+// without these the state's version counter never moves and autograd cannot see that a tensor it
+// saved was overwritten. Register both, as boxed kernels, for each such op:
+// - inplace_no_derivative_autograd (Autograd key): refuses a written argument that requires grad
+//   (naming it) while grad mode is on, as torch refuses an in-place op on a leaf; outputs computed
+//   from inputs that require grad get a node whose backward raises (the op has no derivative).
+// - inplace_bump_version (ADInplaceOrView key): bumps the version of every written argument, also
+//   under torch.no_grad() and inference mode (for normal tensors), as torch's in-place ops do.
+void inplace_no_derivative_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
+void inplace_bump_version(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
 
 }  // namespace shammie::autograd

@@ -67,6 +67,13 @@ TORCH_LIBRARY_IMPL(shammie, Autograd, m) {
     const variable_list out = SelectiveScanFunction::apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
     return std::make_tuple(out[0], out[1]);
   });
+  // The decode step writes state in place and has no derivative (common/autograd.h).
+  m.impl("selective_state_update",
+         torch::CppFunction::makeFromBoxedFunction<&autograd::inplace_no_derivative_autograd>());
+}
+
+TORCH_LIBRARY_IMPL(shammie, ADInplaceOrView, m) {
+  m.impl("selective_state_update", torch::CppFunction::makeFromBoxedFunction<&autograd::inplace_bump_version>());
 }
 
 }  // namespace shammie::ssm

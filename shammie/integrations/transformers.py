@@ -187,25 +187,44 @@ def _modules():
     return found
 
 
+# Live handles and what the patches replaced: transformers' own functions go back when the last live
+# handle is restored, whatever the order (restoring a handle put back what it saw, which may have been
+# another handle's patch, and left the modules patched after both were restored).
+_live_handles = 0
+_originals: list = []
+
+
 class use_shammie_kernels:
     """Patch transformers' Mamba modules to call shammie's ops. Works as a call or a context manager:
 
         use_shammie_kernels()                 # from now on
         with use_shammie_kernels(): ...       # inside the block only
+
+    Handles may overlap and be restored in any order: the patch stays while any of them is live.
     """
 
     def __init__(self):
-        self._saved = []
-        for module, names in _modules():
+        global _live_handles
+        modules = _modules()
+        if _live_handles == 0:
+            _originals[:] = [(module, name, getattr(module, name)) for module, names in modules for name in names]
+        for module, names in modules:
             for name in names:
-                self._saved.append((module, name, getattr(module, name)))
                 setattr(module, name, _REPLACEMENTS[name])
+        _live_handles += 1
+        self._live = True
 
     def restore(self) -> None:
-        """Put transformers' own functions back."""
-        for module, name, original in reversed(self._saved):
-            setattr(module, name, original)
-        self._saved = []
+        """Release this handle; the last live one puts transformers' own functions back. Idempotent."""
+        global _live_handles
+        if not self._live:
+            return
+        self._live = False
+        _live_handles -= 1
+        if _live_handles == 0:
+            for module, name, original in reversed(_originals):
+                setattr(module, name, original)
+            _originals.clear()
 
     def __enter__(self):
         return self
