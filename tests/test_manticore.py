@@ -306,6 +306,65 @@ def test_input_and_program_errors():
         hybrid.program([[1.5, -0.5], [1.0, 0.0]])
 
 
+def test_labels_length_and_model_list_errors():
+    hybrid = _fresh()
+    ids = tokens("cpu")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 61\) or be -100 \(ignored\), got values from 1\d\d to 1\d\d"):
+        hybrid(ids, ids + 100)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        hybrid(ids, ids.float())
+    with pytest.raises(ValueError, match=r"65 tokens per row, more than model 0 \(gpt2\) can embed \(64 positions\)"):
+        hybrid(torch.zeros(1, 65, dtype=torch.long))
+    for shape in ((0, 5), (2, 0)):
+        with pytest.raises(ValueError, match="input_ids must be non-empty"):
+            hybrid(torch.zeros(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match="pass at least one model"):
+        Manticore.from_models([], n_mixtures=2)
+    model = gpt2()
+    with pytest.raises(ValueError, match="same model object is passed twice"):
+        Manticore.from_models([model, model], n_mixtures=2)
+    assert Manticore.from_models([gpt2(), mamba()], n_mixtures=torch.tensor(2).numpy()).config.n_mixtures == 2
+
+
+def test_int32_batches_train_like_int64():
+    ids = tokens("cpu")
+    losses = [_fresh()(ids.to(dtype), ids.to(dtype))[1] for dtype in (torch.long, torch.int32)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    pretrain_projectors(_fresh(), [ids.int()], steps=1, progress=False)
+
+
+def test_save_load_keeps_dtypes_attention_and_tensor_vocab_maps(tmp_path):
+    hybrid = Manticore.from_models([gpt2().bfloat16(), mamba().bfloat16()], n_mixtures=2,
+                                   vocab_maps=[None, torch.arange(V)]).eval()
+    hybrid.models[0].config._attn_implementation = "eager"
+    hybrid.save(tmp_path)
+    loaded = Manticore.load(tmp_path).eval()
+    assert {p.dtype for p in loaded.parameters() if p is not loaded.alpha} == {torch.bfloat16}
+    assert loaded.models[0].config._attn_implementation == "eager"
+    ids = tokens("cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], hybrid(ids)[0])
+
+
+def test_search_takes_one_pass_over_train_loader_and_refuses_empty_loaders():
+    history = search(_fresh(), _loader("cpu", n=5), _loader("cpu", n=1, seed=1), progress=False)
+    assert len(history["loss"]) == 5   # the one validation batch is reused
+    with pytest.raises(ValueError, match="val_loader yields no batches"):
+        search(_fresh(), _loader("cpu"), [], steps=2, progress=False)
+    with pytest.raises(ValueError, match="loader yields no batches"):
+        pretrain_projectors(_fresh(), [], steps=2, progress=False)
+
+
+def test_training_projectors_alone_on_a_one_hot_hybrid_is_refused():
+    hybrid = _fresh()
+    hybrid.program(one_hot(2, 2, 0))
+    for phase in (lambda: pretrain_projectors(hybrid, _loader("cpu"), steps=1, progress=False),
+                  lambda: finetune(hybrid, _loader("cpu"), steps=1, train=("projectors",), progress=False)):
+        with pytest.raises(ValueError, match="one-hot at every position, which bypasses the projectors"):
+            phase()
+    finetune(hybrid, _loader("cpu"), steps=1, train=("models", "projectors"), progress=False)
+
+
 def test_alphas_table_and_discretize():
     hybrid = _fresh()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Manticore: hybrids of pretrained Hugging Face causal LMs (GPT-2, GPT-NeoX, Mamba) joined by projectors and
+"""Manticore: hybrids of pretrained Hugging Face causal LMs (GPT-2, GPT-NeoX, Mamba, Mamba2) joined by projectors and
 mixture weights α, searched differentiably and fine-tuned; Mamba blocks run on shammie's ops.
 
     hybrid = Manticore.from_models([gpt2, mamba], n_mixtures=4, projector="linear_skip", alpha_mode="softmax")

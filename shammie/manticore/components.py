@@ -14,6 +14,7 @@ class Component:
     """Stateless view of one HF causal LM; the model itself stays a submodule of the hybrid."""
 
     kind = ""
+    max_length: int | None = None   # the longest sequence the model can embed (None: no hard limit)
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -60,6 +61,10 @@ def _positions(ids):
 
 class GPT2Component(Component):
     kind = "gpt2"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.max_length = int(model.config.n_positions)   # learned position embeddings
 
     @property
     def blocks(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import operator
 import os
 from typing import Sequence
 
@@ -47,14 +48,24 @@ class ManticoreConfig:
     programmed: list | None = None    # α set by program(), else None
 
     def __post_init__(self):
+        try:
+            self.n_mixtures = operator.index(self.n_mixtures)   # numpy / torch integers too
+        except TypeError:
+            raise ValueError(f"ManticoreConfig: n_mixtures must be a positive int, got {self.n_mixtures!r}") from None
+        if self.vocab_maps is not None:   # plain lists of ints: the config is saved as JSON
+            self.vocab_maps = [None if v is None else [operator.index(i) for i in _as_list(v)] for v in self.vocab_maps]
         if self.projector not in PROJECTORS:
             raise ValueError(f"ManticoreConfig: projector must be one of {PROJECTORS}, got {self.projector!r}")
         if self.alpha_mode not in ALPHA_MODES:
             raise ValueError(f"ManticoreConfig: alpha_mode must be one of {ALPHA_MODES}, got {self.alpha_mode!r}")
-        if not (isinstance(self.n_mixtures, int) and self.n_mixtures >= 1):
+        if self.n_mixtures < 1:
             raise ValueError(f"ManticoreConfig: n_mixtures must be a positive int, got {self.n_mixtures!r}")
         if not self.tau > 0:
             raise ValueError(f"ManticoreConfig: tau must be > 0, got {self.tau}")
+
+
+def _as_list(v) -> list:
+    return v.tolist() if hasattr(v, "tolist") else list(v)
 
 
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -107,6 +118,9 @@ class Manticore(torch.nn.Module):
         super().__init__()
         if len(models) < 1:
             raise ValueError("Manticore: pass at least one model")
+        if len({id(m) for m in models}) != len(models):
+            raise ValueError("Manticore: the same model object is passed twice; its blocks would share weights "
+                             "(and a saved hybrid could not be loaded): pass a copy.deepcopy of it instead")
         self.config = config
         self.models = torch.nn.ModuleList(models)
         self.components = [component_for(m) for m in models]
@@ -138,6 +152,9 @@ class Manticore(torch.nn.Module):
     def from_models(cls, models: Sequence[torch.nn.Module], **kwargs) -> "Manticore":
         """kwargs: the fields of ManticoreConfig (n_mixtures, projector, alpha_mode, tau, vocab_maps, ...)."""
         config = ManticoreConfig(**kwargs)
+        models = list(models)
+        if not models:
+            raise ValueError("Manticore: pass at least one model")
         ref = next(iter(models[0].parameters()))
         hybrid = cls(list(models), config).to(device=ref.device)
         hybrid.proj_in.to(dtype=ref.dtype)     # projectors in the models' dtype; α stays float32
@@ -256,23 +273,38 @@ class Manticore(torch.nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"Manticore: labels must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
+        if labels is not None and labels.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"Manticore: labels must be an integer tensor (int64 or int32), got {labels.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"Manticore: input_ids must be non-empty (batch >= 1, length >= 1), got shape {tuple(input_ids.shape)}")
+        too_long = [(i, c) for i, c in enumerate(self.components) if c.max_length and input_ids.shape[1] > c.max_length]
+        if too_long:
+            i, c = too_long[0]
+            raise ValueError(f"Manticore: input_ids has {input_ids.shape[1]} tokens per row, more than model {i} "
+                             f"({c.kind}) can embed ({c.max_length} positions)")
         device = self.alpha.device
         for name, t in (("input_ids", input_ids), ("labels", labels)):
             if t is not None and t.device != device:
                 raise ValueError(f"Manticore: {name} must be on the hybrid's device ({device}), got {t.device}")
         # An id out of range would index the embeddings out of bounds: an IndexError on CPU, a device-side
         # assert that kills the process on CUDA. One min/max (a sync on CUDA) turns that into an error.
-        if input_ids.numel():
-            low, high = (int(v) for v in torch.aminmax(input_ids))
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if not 0 <= low <= high < self.vocab_size:
+            raise ValueError(f"Manticore: input_ids must lie in [0, {self.vocab_size}), got values from "
+                             f"{low} to {high}")
+        if labels is not None:   # the same for the loss's targets; -100 is ignored
+            targets = labels[labels != -100]
+            low, high = (int(v) for v in torch.aminmax(targets)) if targets.numel() else (0, 0)
             if not 0 <= low <= high < self.vocab_size:
-                raise ValueError(f"Manticore: input_ids must lie in [0, {self.vocab_size}), got values from "
-                                 f"{low} to {high}")
+                raise ValueError(f"Manticore: labels must lie in [0, {self.vocab_size}) or be -100 (ignored), "
+                                 f"got values from {low} to {high}")
         alpha = self.mixture_weights()
         with self._kernels():
             logits = self._run(input_ids, alpha)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),
+                                   ignore_index=-100)
         return logits, loss
 
     def _model_ids(self, m: int, input_ids: torch.Tensor) -> torch.Tensor:
@@ -334,10 +366,14 @@ class Manticore(torch.nn.Module):
         os.makedirs(directory, exist_ok=True)
         meta = {"manticore": dataclasses.asdict(self.config),
                 "models": [m.config.to_dict() for m in self.models],
-                "alpha_shape": list(self.alpha.shape)}
-        with open(os.path.join(directory, "manticore_config.json"), "w") as f:
+                "alpha_shape": list(self.alpha.shape),
+                # HF configs do not record an attention implementation set after loading
+                "attn_implementations": [getattr(m.config, "_attn_implementation", None) for m in self.models]}
+        path = os.path.join(directory, "manticore_config.json")
+        with open(path + ".tmp", "w") as f:   # a failed write never leaves a truncated config behind
             json.dump(meta, f, indent=2)
         save_model(self, os.path.join(directory, "model.safetensors"))
+        os.replace(path + ".tmp", path)
 
     @classmethod
     def load(cls, directory: str, device=None, dtype=None) -> "Manticore":
@@ -348,15 +384,34 @@ class Manticore(torch.nn.Module):
         with open(os.path.join(directory, "manticore_config.json")) as f:
             meta = json.load(f)
         models = []
-        for cfg in meta["models"]:
+        attn = meta.get("attn_implementations") or [None] * len(meta["models"])
+        for cfg, impl in zip(meta["models"], attn):
             cfg = dict(cfg)
             hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-            models.append(transformers.AutoModelForCausalLM.from_config(hf_config))
+            kwargs = {"attn_implementation": impl} if impl else {}
+            models.append(transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs))
         hybrid = cls(models, ManticoreConfig(**meta["manticore"]))
-        load_model(hybrid, os.path.join(directory, "model.safetensors"), strict=True)
+        weights = os.path.join(directory, "model.safetensors")
+        _take_saved_dtypes(hybrid, weights)
+        load_model(hybrid, weights, strict=True)
         hybrid.to(device=device)
         if dtype is not None:
             for part in (hybrid.models, hybrid.proj_in, hybrid.proj_out):
                 part.to(dtype=dtype)
         return hybrid
 
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _take_saved_dtypes(hybrid: torch.nn.Module, path: str) -> None:
+    """Give every floating parameter the dtype it was saved in (a bf16 hybrid loads as bf16, a module kept in
+    float32 stays float32): load_model would otherwise cast the saved values to the fresh model's float32."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        saved = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    for name, param in hybrid.named_parameters(remove_duplicate=False):
+        dtype = _SAFETENSORS_DTYPES.get(saved.get(name))
+        if dtype is not None and param.dtype != dtype:
+            param.data = param.data.to(dtype)

@@ -49,18 +49,24 @@ def _batch(batch, device):
     return ids, (ids if labels is None else labels.to(device))
 
 
-def _cycle(loader: Iterable, steps: int | None):
+def _forever(loader: Iterable, name: str):
+    """The loader's batches, pass after pass (a new pass re-shuffles a shuffling DataLoader)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"{name} yields no batches")
+
+
+def _cycle(loader: Iterable, steps: int | None, name: str = "loader"):
     """steps batches (cycling the loader), or one pass when steps is None."""
     if steps is None:
-        yield from loader
-        return
-    it = iter(loader)
-    for _ in range(steps):
-        try:
-            yield next(it)
-        except StopIteration:
-            it = iter(loader)
-            yield next(it)
+        return iter(loader)
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps must be None or a non-negative int, got {steps!r}")
+    return itertools.islice(_forever(loader, name), steps)
 
 
 def _total(loader, steps):
@@ -118,9 +124,18 @@ def _train(hybrid: Manticore, loader: Iterable, steps: int | None, params: list,
     return {"loss": [l.item() for l in losses]}
 
 
+def _require_projectors_in_use(hybrid: Manticore, phase: str) -> None:
+    """A programmed one-hot row bypasses its position's projectors: with every row one-hot they get no gradient."""
+    if hybrid.programmed and all(a in (0.0, 1.0) for row in hybrid._host_alpha for a in row):
+        raise ValueError(f"{phase}: the hybrid's programmed α is one-hot at every position, which bypasses the "
+                         "projectors, so training them alone would do nothing; call hybrid.unprogram() first, "
+                         "or train the models")
+
+
 def pretrain_projectors(hybrid: Manticore, loader: Iterable, steps: int | None = None, lr: float = 1e-3,
                         progress: bool = True) -> dict:
     """Train the projectors alone (models and α frozen) on the LM loss; returns {"loss": [...]}."""
+    _require_projectors_in_use(hybrid, "pretrain_projectors")
     set_trainable(hybrid, models=False, projectors=True, alpha=False)
     return _train(hybrid, loader, steps, hybrid.projector_parameters(), lr, "pretrain projectors", progress)
 
@@ -128,7 +143,8 @@ def pretrain_projectors(hybrid: Manticore, loader: Iterable, steps: int | None =
 def search(hybrid: Manticore, train_loader: Iterable, val_loader: Iterable, steps: int | None = None,
            alpha_lr: float = 0.05, projector_lr: float = 1e-3, progress: bool = True) -> dict:
     """DARTS-style alternating search with the models frozen: each step updates α on a validation batch, then
-    the projectors on a training batch (first-order). Returns {"loss", "val_loss", "alpha": [α per step]}."""
+    the projectors on a training batch (first-order); `steps` steps, or one pass over train_loader when None
+    (val_loader is cycled either way). Returns {"loss", "val_loss", "alpha": [α per step]}."""
     hybrid.unprogram()
     set_trainable(hybrid, models=False, projectors=True, alpha=True)
     device = _device(hybrid)
@@ -137,7 +153,7 @@ def search(hybrid: Manticore, train_loader: Iterable, val_loader: Iterable, step
     proj_opt = torch.optim.AdamW(proj, lr=projector_lr, weight_decay=0.0)
     hybrid.train()
     history = {"loss": [], "val_loss": [], "alpha": []}
-    pairs = zip(_cycle(train_loader, steps), itertools.cycle(val_loader) if steps is not None else val_loader)
+    pairs = zip(_cycle(train_loader, steps, "train_loader"), _forever(val_loader, "val_loader"))
     bar = tqdm(pairs, total=_total(train_loader, steps), desc="search", disable=not progress)
     for train_batch, val_batch in bar:
         # α on validation data (projector grads from this pass are dropped)
@@ -172,5 +188,7 @@ def finetune(hybrid: Manticore, loader: Iterable, steps: int | None = None, lr: 
         hybrid.eval()
         with torch.no_grad():
             hybrid.program(hybrid.mixture_weights().detach().double().cpu())
+    if "models" not in train:
+        _require_projectors_in_use(hybrid, "finetune")
     set_trainable(hybrid, models="models" in train, projectors="projectors" in train, alpha=False)
     return _train(hybrid, loader, steps, [p for p in hybrid.parameters() if p.requires_grad], lr, "finetune", progress)
