@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import os
 import platform
 import sys
 
@@ -22,6 +24,29 @@ def _machine(device: str) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def _writable(path: str) -> bool:
+    """Whether `path` can be written, found before the (slow) measurements rather than after the first one."""
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()  # appending nothing leaves an existing file as it was
+    except OSError as e:
+        print(f"shammie bench: --json {path}: cannot write there ({e.strerror})", file=sys.stderr)
+        return False
+    if not existed:
+        os.remove(path)
+    return True
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -37,6 +62,8 @@ def bench(args: argparse.Namespace) -> int:
     unknown = sorted(set(ops) - set(registry.OP_FAMILIES))
     if unknown:
         print(f"shammie bench: unknown op(s) {unknown}; known: {sorted(registry.OP_FAMILIES)}", file=sys.stderr)
+        return 2
+    if args.json and not _writable(args.json):
         return 2
     dtypes = [getattr(torch, name) for name in args.dtype] if args.dtype else None
     meta = {
@@ -97,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ops", nargs="+", help="op families to run (default: all)")
     b.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU; bfloat16 and float32 on CUDA")
     b.add_argument("--json", help="also write the rows and the machine's description to this file")
-    b.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement (CPU)")
+    b.add_argument("--min-run-time", type=_positive_seconds, default=0.5, help="seconds of timing per measurement (CPU)")
     b.set_defaults(run=bench)
     i = sub.add_parser("info", help="print what shammie was built with")
     i.set_defaults(run=info)

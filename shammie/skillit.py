@@ -6,11 +6,19 @@ p_t ∝ prior ⊙ exp(η · A · Σ_{τ = t−w+1..t} L_τ), L_τ the per-skill 
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
 
 __all__ = ["SkillItSampler", "estimate_skills_graph"]
+
+
+def _whole(x, least: int) -> bool:
+    """x is an integer (or an integer-valued float) >= least; not a bool, a string or inf."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x == int(x) \
+        and x >= least
 
 
 class SkillItSampler:
@@ -30,10 +38,11 @@ class SkillItSampler:
             raise ValueError(f"graph: expected a non-empty (k_train, k_eval) matrix, got shape {tuple(A.shape)}")
         if not bool(torch.isfinite(A).all()):
             raise ValueError("graph: expected finite entries")
-        if not (eta > 0):
-            raise ValueError(f"eta: expected η > 0, got {eta}")
-        if int(window) != window or window < 1:
-            raise ValueError(f"window: expected an integer >= 1, got {window}")
+        # inf would turn the mixture into NaN at the first update
+        if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta > 0):
+            raise ValueError(f"eta: expected a finite η > 0, got {eta!r}")
+        if not _whole(window, 1):
+            raise ValueError(f"window: expected an integer >= 1, got {window!r}")
         k_train, k_eval = A.shape
         if prior is None:
             prior = torch.full((k_train,), 1.0 / k_train, dtype=torch.float64)
@@ -51,6 +60,7 @@ class SkillItSampler:
         self.prior = prior / prior.sum()
         self.target_mask = target_mask
         self.history: list[torch.Tensor] = []
+        self._logits = self.prior.log()  # -inf where the prior is 0: such a skill is never drawn
         self._mixture = self.prior.clone()
 
     @property
@@ -72,12 +82,16 @@ class SkillItSampler:
         agg = torch.stack(self.history).sum(0)
         if self.target_mask is not None:
             agg = agg / len(self.history)
-        logits = self.prior.log() + self.eta * (self.graph @ agg)
-        self._mixture = torch.softmax(logits, dim=0)  # prior ⊙ exp(·), normalized stably
+        self._logits = self.prior.log() + self.eta * (self.graph @ agg)
+        self._mixture = torch.softmax(self._logits, dim=0)  # prior ⊙ exp(·), normalized stably
         return self._mixture
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n skill indices (int64) drawn i.i.d. from the current mixture."""
+        if not _whole(n, 0):
+            raise ValueError(f"n: expected an integer >= 0, got {n!r}")
+        if n == 0:  # torch.multinomial refuses 0 samples
+            return torch.zeros(0, dtype=torch.long)
         return torch.multinomial(self._mixture, n, replacement=True, generator=generator)
 
     def torch_sampler(self, dataset_skill_ids, steps: int, generator: torch.Generator | None = None):
@@ -88,11 +102,22 @@ class SkillItSampler:
 
 class _SkillSampler(torch.utils.data.Sampler):
     def __init__(self, owner: SkillItSampler, skill_ids, steps: int, generator):
-        ids = torch.as_tensor(skill_ids).long().flatten()
+        ids = torch.as_tensor(skill_ids).flatten()
         k = owner.graph.shape[0]
+        fractional = ids.is_floating_point() and not bool((ids == ids.round()).all())
+        if ids.dtype == torch.bool or ids.is_complex() or fractional:
+            raise ValueError(f"dataset_skill_ids: expected integer skill ids, got {ids.dtype} values that are not "
+                             f"all whole numbers")
+        ids = ids.long()
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= k:
             raise ValueError(f"dataset_skill_ids: expected skill ids in [0, {k - 1}] (the graph's k_train rows)")
+        if not _whole(steps, 0):
+            raise ValueError(f"steps: expected an integer >= 0, got {steps!r}")
         counts = torch.bincount(ids, minlength=k)
+        # the prior is a factor of every later mixture: a skill it zeroes is never drawn
+        if not bool((owner.prior[counts > 0] > 0).any()):
+            raise ValueError(f"prior: gives weight 0 to every skill present in dataset_skill_ids "
+                             f"({(counts > 0).nonzero().flatten().tolist()}); nothing could be sampled")
         self.owner, self.steps, self.generator = owner, int(steps), generator
         self.order = torch.argsort(ids, stable=True)  # example indices grouped by skill
         self.offsets = torch.cumsum(counts, 0) - counts
@@ -103,7 +128,10 @@ class _SkillSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for _ in range(self.steps):
-            p = torch.where(self.counts > 0, self.owner.mixture, torch.zeros_like(self.owner.mixture))
+            # the mixture over the skills present, from the logits: renormalizing the mixture instead could
+            # divide by 0 where the present skills' weights underflow
+            logits = self.owner._logits
+            p = torch.softmax(torch.where(self.counts > 0, logits, torch.full_like(logits, -math.inf)), 0)
             skill = int(torch.multinomial(p, 1, generator=self.generator))
             j = int(torch.randint(int(self.counts[skill]), (1,), generator=self.generator))
             yield int(self.order[self.offsets[skill] + j])

@@ -44,6 +44,18 @@ def test_bench_rejects_unknown_ops_and_missing_cuda():
         assert result.returncode == 2 and "torch sees no CUDA device" in result.stderr
 
 
+def test_bench_checks_json_path_and_min_run_time_before_measuring(tmp_path):
+    """An unwritable --json path was found after the first measurement (a traceback); a non-positive
+    --min-run-time was accepted. Both are argument errors (exit 2) before anything runs."""
+    result = run("bench", "--ops", "causal_conv1d", "--json", str(tmp_path / "missing" / "x.json"))
+    assert result.returncode == 2 and "--json" in result.stderr and "cannot write" in result.stderr
+    assert "Traceback" not in result.stderr and "measured" not in result.stderr
+    assert not (tmp_path / "missing").exists()
+    for value in ("-1", "0", "nan"):
+        result = run("bench", "--ops", "causal_conv1d", "--min-run-time", value)
+        assert result.returncode == 2 and "--min-run-time: expected a positive number of seconds" in result.stderr
+
+
 def test_host_overhead_benchmark_prints_every_row(capsys):
     from shammie.benchmarks import host_overhead
 

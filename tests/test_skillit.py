@@ -65,6 +65,41 @@ def test_input_checks():
         s.torch_sampler([0, 2], steps=3)
 
 
+def test_edge_inputs():
+    """eta=inf (a NaN mixture), fractional skill ids (truncated), a prior zero on every skill in the dataset
+    (failed mid-iteration) and steps=-1 are clear errors; sample(0) is empty; messages show the repr."""
+    A = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for eta in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="eta: expected a finite"):
+            SkillItSampler(A, eta=eta)
+    with pytest.raises(ValueError, match="window: expected an integer >= 1, got '3'"):
+        SkillItSampler(A, window="3")
+    with pytest.raises(ValueError, match="window"):
+        SkillItSampler(A, window=float("inf"))
+    s = SkillItSampler(A)
+    with pytest.raises(ValueError, match="dataset_skill_ids: expected integer skill ids"):
+        s.torch_sampler([0.7, 1.2, 2.9], steps=1)
+    assert s.torch_sampler([0.0, 2.0], steps=1).counts.tolist() == [1, 0, 1]  # whole-valued floats are ids
+    with pytest.raises(ValueError, match="prior: gives weight 0 to every skill present"):
+        SkillItSampler(A, prior=[0.5, 0.5, 0.0]).torch_sampler([2, 2], steps=1)
+    with pytest.raises(ValueError, match="steps: expected an integer >= 0, got -1"):
+        s.torch_sampler([0, 1], steps=-1)
+    assert len(s.torch_sampler([0, 1], steps=0)) == 0
+    empty = s.sample(0)
+    assert empty.shape == (0,) and empty.dtype == torch.long
+    with pytest.raises(ValueError, match="n: expected an integer >= 0"):
+        s.sample(-1)
+
+
+def test_sampler_survives_underflow_of_present_skills():
+    """Skill 0 is the only one in the dataset and its mixture weight underflows to 0: the sampler still draws
+    it (from the logits restricted to the present skills) instead of failing in multinomial."""
+    s = SkillItSampler(torch.tensor([[0.0], [1.0]]), eta=1.0, window=1)
+    s.update([1e4])
+    assert s.mixture[0] == 0
+    assert list(s.torch_sampler([0, 0, 0], steps=4, generator=torch.Generator().manual_seed(0))) != []
+
+
 def test_sampler_frequencies_match_mixture():
     s = SkillItSampler(torch.eye(3), eta=1.0)
     s.update([0.0, 1.0, 2.0])

@@ -213,6 +213,79 @@ def test_robustness_errors_and_fallbacks():
         ContinuousLabelModel(0.0)
 
 
+def test_predict_proba_checks_candidates_like_predict():
+    """A wrong-length mask, float ids and out-of-range ids are errors naming candidates (they were a bogus
+    (n, 1) distribution, silently truncated ids and a raw index RuntimeError); a valid mask still works."""
+    D = line_sq_dists(5)
+    lm = MetricLabelModel(D).set_accuracies(torch.ones(3))
+    L = torch.tensor([[0, 1, 1], [2, 2, 3]])
+    for bad in (torch.tensor([True, False]), torch.tensor([1.5, 2.0]), torch.tensor([1, 7]), torch.tensor([-1, 2]),
+                torch.zeros(5, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="candidates"):
+            lm.predict_proba(L, candidates=bad)
+        with pytest.raises(ValueError, match="candidates"):
+            lm.predict(L, candidates=bad)
+    mask = torch.tensor([False, True, False, True, False])
+    full = lm.predict_proba(L)
+    torch.testing.assert_close(lm.predict_proba(L, candidates=mask), full[:, [1, 3]] / full[:, [1, 3]].sum(1, True))
+    torch.testing.assert_close(lm.predict_proba(L, candidates=[3, 1]), lm.predict_proba(L, candidates=mask).flip(1))
+
+
+def test_one_class_label_space_fits_and_predicts():
+    """N = 1 (every distance 0): fit no longer divides by a zero scale in the model rule; θ stays the additive
+    estimate (any θ is the same model), E d² = 0, and the only label is predicted."""
+    L = torch.zeros(4, 3, dtype=torch.long)
+    for identity in ("additive", "auto"):  # auto (the model rule, last) is the one that crashed
+        lm = MetricLabelModel(torch.zeros(1, 1), identity=identity).fit(L)
+        assert torch.isfinite(lm.accuracies()).all() and (lm.accuracies() > 0).all()
+        assert lm.predict(L).tolist() == [0, 0, 0, 0]
+    assert lm.expected_sq_dists_.tolist() == [0.0, 0.0, 0.0]
+    assert lm.predict_proba(L[:1]).tolist() == [[1.0]]
+    # all labels at distance 0 (no scale to clip E d² by): finite θ, not 1/0
+    zero = MetricLabelModel(torch.zeros(3, 3)).fit(torch.tensor([[0, 1, 2], [0, 0, 0], [2, 1, 0]]))
+    assert torch.isfinite(zero.accuracies()).all()
+
+
+def test_clip_must_be_a_pair():
+    D = line_sq_dists(3)
+    for clip in ((1.0,), (1e-3, 1.0, 2.0), (1.0, 0.5), 0.5):
+        with pytest.raises(ValueError, match="clip"):
+            MetricLabelModel(D, clip=clip)
+    assert MetricLabelModel(D, clip=[1e-2, 1.0]).clip == [1e-2, 1.0]
+
+
+def test_ranking_ids_are_checked():
+    """Non-permutations (were id 0) and ids outside [0, N) (negative ones wrapped) are errors."""
+    R = RankingMetric(3)
+    for perm in ([0, 0, 1], [5, 6, 7], [[0, 1, 2], [2, 2, 2]]):
+        with pytest.raises(ValueError, match="perms: expected permutations"):
+            R.perms_to_ids(torch.tensor(perm))
+    with pytest.raises(ValueError, match=r"perms: expected shape \(…, 3\)"):
+        R.perms_to_ids(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"rows: expected label ids in \[0, 5\]"):
+        R.dists(rows=[-1])
+    with pytest.raises(ValueError, match="cols"):
+        R.dists(cols=torch.tensor([6]))
+    with pytest.raises(ValueError, match="a: expected label ids"):
+        R.distance(torch.tensor([-1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="ids: expected label ids"):
+        R.ids_to_perms(torch.tensor([6]))
+    assert R.perms_to_ids(R.perms.view(2, 3, 3)).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert R.distance(torch.tensor([0, 1]), torch.tensor([5, 1])).tolist() == [3.0, 0.0]
+
+
+def test_pseudo_euclidean_embedding_checks_input():
+    """NaN distances gave an empty (N, 0) embedding and dims=-1 kept nothing; both are errors now."""
+    D = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    nan = torch.tensor([[0.0, float("nan")], [float("nan"), 0.0]])
+    with pytest.raises(ValueError, match="sq_dists: expected finite"):
+        pseudo_euclidean_embedding(nan)
+    for dims in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="dims"):
+            pseudo_euclidean_embedding(D, dims=dims)
+    assert pseudo_euclidean_embedding(D, dims=1)[0].shape == (2, 1)
+
+
 def test_default_rule_is_the_consistent_one_where_it_fits():
     """identity="auto": the model rule up to 1024 labels (its error falls with n), additive above."""
     assert MetricLabelModel(RankingMetric(5)).identity == "model"       # 120 rankings

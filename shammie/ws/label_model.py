@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from shammie.loki import _search
 from shammie.ws.metric import as_metric, frechet_search, pseudo_euclidean_embedding, sq_block
 
 __all__ = ["ContinuousLabelModel", "MetricLabelModel", "majority_vote"]
@@ -111,8 +112,8 @@ class MetricLabelModel:
             raise ValueError(f"aggregate: expected 'median' or 'mean', got {aggregate!r}")
         if identity not in ("auto", "additive", "inner", "model"):
             raise ValueError(f"identity: expected 'auto', 'additive', 'inner' or 'model', got {identity!r}")
-        if not (0 < clip[0] < clip[1]):
-            raise ValueError(f"clip: expected 0 < lo < hi, got {clip}")
+        if not (isinstance(clip, (tuple, list)) and len(clip) == 2 and 0 < clip[0] < clip[1]):
+            raise ValueError(f"clip: expected a pair (lo, hi) with 0 < lo < hi, got {clip!r}")
         self.metric = as_metric(metric)
         self.num_labels = int(self.metric.num_labels)
         if identity == "auto":
@@ -228,6 +229,8 @@ class MetricLabelModel:
             & voting[:, None] & voting[None, :]
         target = torch.where(use, P, torch.zeros_like(P))
         scale = float(D.mean())
+        if not scale > 0:  # every distance is 0 (one label): the model ignores θ and E d² = 0; keep the estimate
+            return theta0, torch.zeros_like(theta0)
 
         def model(theta):
             Pr = torch.softmax(-theta[:, None, None] * D, dim=2)  # (m, y, λ)
@@ -271,7 +274,8 @@ class MetricLabelModel:
                 torch.randperm(observed.numel(), device=device)[:_DENSE_MAX]]
             D = self._sq(sample, sample, device, dtype)
         K = D.shape[0]
-        return float(D.sum() / max(1, K * (K - 1))) if K > 1 else 1.0
+        scale = float(D.sum() / max(1, K * (K - 1))) if K > 1 else 0.0
+        return scale if scale > 0 else 1.0  # one observed label, or all at distance 0: no scale to take
 
     def accuracies(self) -> torch.Tensor:
         """θ (m,): the estimated accuracy of each LF, 0 for LFs that never vote: the model's own θ_a in
@@ -338,8 +342,14 @@ class MetricLabelModel:
                                  f"(this one has {self.num_labels})")
             cand = None
         else:
-            cand = torch.as_tensor(candidates, device=W.device)
-            cand = cand.nonzero().flatten() if cand.dtype == torch.bool else cand.long()
+            # the same checks as predict (shape of a mask, integer ids in range); ids keep their order
+            cand = torch.as_tensor(candidates)
+            if cand.dtype == torch.bool:
+                cand = _search.candidate_mask(cand, self.num_labels).nonzero().flatten()
+                if cand.numel() == 0:
+                    raise ValueError("candidates: the mask selects no label")
+            else:
+                cand = _search.check_labels(cand, self.num_labels, "candidates")
         D = self._sq(observed, cand, W.device, W.dtype)
         return torch.softmax(-(W @ D), dim=1)
 

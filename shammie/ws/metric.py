@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 
 import torch
 
@@ -130,14 +131,34 @@ class RankingMetric(Metric):
         const = (P * P + P) * w.sum(1, keepdim=True)
         return ((values.to(acc) + const) * 0.25).to(probs.dtype), indices
 
+    def _ids(self, ids, name: str) -> torch.Tensor:
+        """Integer label ids in [0, N) as int64 on the metric's device (negative ids would wrap)."""
+        ids = torch.as_tensor(ids, device=self._signs.device)
+        if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{name}: expected integer label ids, got {ids.dtype}")
+        ids = ids.long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_labels):
+            raise ValueError(f"{name}: expected label ids in [0, {self.num_labels - 1}], got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        return ids
+
     def ids_to_perms(self, ids: torch.Tensor) -> torch.Tensor:
         """(…) label ids -> (…, n_items) permutations."""
-        return self.perms.to(ids.device)[ids.long()]
+        device = ids.device if isinstance(ids, torch.Tensor) else None
+        return self.perms[self._ids(ids, "ids")].to(device)
 
     def perms_to_ids(self, perms: torch.Tensor) -> torch.Tensor:
         """(…, n_items) permutations -> (…) label ids (lexicographic rank, by the Lehmer code)."""
         n = self.n_items
+        perms = torch.as_tensor(perms)
+        if perms.dtype.is_floating_point or perms.is_complex() or perms.dtype == torch.bool:
+            raise TypeError(f"perms: expected integer item ids, got {perms.dtype}")
         perms = perms.long()
+        if perms.dim() == 0 or perms.shape[-1] != n:
+            raise ValueError(f"perms: expected shape (…, {n}) (n_items = {n}), got {tuple(perms.shape)}")
+        # a permutation of 0..n-1 holds each item once: sorting each row gives 0..n-1
+        if perms.numel() and not bool((perms.sort(-1).values == torch.arange(n, device=perms.device)).all()):
+            raise ValueError(f"perms: expected permutations of the items 0..{n - 1} (each item once)")
         smaller_after = (perms.unsqueeze(-1) > perms.unsqueeze(-2)).triu(1).sum(-1)  # (…, n)
         fact = torch.tensor([math.factorial(n - 1 - i) for i in range(n)], device=perms.device)
         return (smaller_after * fact).sum(-1)
@@ -145,8 +166,8 @@ class RankingMetric(Metric):
     def dists(self, rows=None, cols=None) -> torch.Tensor:
         """Kendall tau distances between label ids (None: all)."""
         S = self._signs
-        A = S if rows is None else S[torch.as_tensor(rows, device=S.device).long()]
-        B = S if cols is None else S[torch.as_tensor(cols, device=S.device).long()]
+        A = S if rows is None else S[self._ids(rows, "rows")]
+        B = S if cols is None else S[self._ids(cols, "cols")]
         return (self.num_pairs - A @ B.T) * 0.5
 
     def sq_dists(self, rows) -> torch.Tensor:
@@ -156,8 +177,7 @@ class RankingMetric(Metric):
     def distance(self, a, b) -> torch.Tensor:
         """Elementwise Kendall distance d(a[i], b[i]) for equal-shaped id tensors (float64)."""
         S = self._signs
-        a = torch.as_tensor(a, device=S.device).long()
-        b = torch.as_tensor(b, device=S.device).long()
+        a, b = self._ids(a, "a"), self._ids(b, "b")
         return ((self.num_pairs - (S[a] * S[b]).sum(-1)) * 0.5).double()
 
 
@@ -173,6 +193,10 @@ def pseudo_euclidean_embedding(sq_dists: torch.Tensor, dims: int | None = None, 
     """
     if sq_dists.dim() != 2 or sq_dists.shape[0] != sq_dists.shape[1]:
         raise ValueError(f"sq_dists: expected a square (N, N) matrix, got shape {tuple(sq_dists.shape)}")
+    if not bool(torch.isfinite(sq_dists).all()):
+        raise ValueError("sq_dists: expected finite squared distances (found NaN or inf)")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, numbers.Integral) or dims < 1):
+        raise ValueError(f"dims: expected None or an int >= 1, got {dims!r}")
     D = sq_dists.double()
     N = D.shape[0]
     if anchor is None:
