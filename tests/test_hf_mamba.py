@@ -355,3 +355,28 @@ def test_dp_example_runs():
     gap = re.search(r"max \|vmap - loop\| = (\S+)", result.stdout)
     assert gap and float(gap.group(1)) < 1e-6, result.stdout
     assert "DP-SGD, clip 1.0" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_manual_decode_in_grad_mode_matches_transformers(family):
+    """A prefill in grad mode leaves a cache that requires grad; the decode steps must still run
+    (transformers' own path does), not refuse the state."""
+    torch.manual_seed(0)
+    if family == "mamba":
+        model = transformers.MambaForCausalLM(transformers.MambaConfig(
+            vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=4)).eval()
+    else:
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            vocab_size=50, hidden_size=16, state_size=8, num_hidden_layers=1, expand=2, head_dim=8, num_heads=4,
+            n_groups=1, chunk_size=4, conv_kernel=4)).eval()
+    ids = torch.randint(0, 50, (1, 5))
+
+    def decode():
+        out = model(ids, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        out = model(token, cache=out.cache, use_cache=True)
+        return model(token, cache=out.cache, use_cache=True).logits
+
+    expected = decode()
+    with use_shammie_kernels():
+        torch.testing.assert_close(decode(), expected, rtol=1e-4, atol=1e-5)

@@ -68,6 +68,10 @@ def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=
 def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
                          conv_state_indices=None, **kwargs):
     x = hidden_states.to(weight.dtype)
+    # A prefill in grad mode leaves a cache that requires grad (copied from activations); the decode
+    # step writes it in place without a derivative, as mamba_ssm's kernels do, so it takes a detached
+    # alias (same storage and version counter) rather than refusing.
+    conv_state = conv_state.detach()
     # Under autocast the cache holds the activations' dtype (bf16) while the weights stay fp32: update
     # an fp32 copy and store it back rounded, as transformers' own path (conv_state.copy_) does.
     state = conv_state if conv_state.dtype == weight.dtype else conv_state.to(weight.dtype)
@@ -81,7 +85,8 @@ def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activatio
 def selective_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None,
                            state_batch_indices=None, **kwargs):
     _no_packed_sequences(kwargs, "selective_state_update")
-    return shammie.selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus,
+    # detached: see causal_conv1d_update
+    return shammie.selective_state_update(state.detach(), hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                           state_batch_indices=state_batch_indices)
 
 
